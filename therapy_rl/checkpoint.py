@@ -1,0 +1,76 @@
+"""Orbax checkpoints: the train-state pytree plus JSON extras (data position, best metric), atomic and resumable.
+
+A run keeps two managers: ``checkpoints/`` holds the last N states for resuming, and ``best/`` holds the single
+state with the best validation metric. Orbax writes each step into a temporary folder and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) describing ``tree``: the restore target."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` saving ``state`` (pytree) and ``extras`` (JSON dict)."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, extras: dict[str, Any]) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
+        self._manager.save(int(step), args=args, force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, target_state: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores into the shapes, dtypes and shardings of ``target_state`` (arrays or ShapeDtypeStructs)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(target_state)),
+                                  extras=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored.state, dict(restored.extras)
+
+    def restore_extras(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        restored = self._manager.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
+        return dict(restored.extras)
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def run_checkpointers(workdir: str, keep_last: int) -> tuple[Checkpointer, Checkpointer]:
+    """(last-N manager, best manager) of a run's workdir."""
+    return (Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=keep_last),
+            Checkpointer(os.path.join(workdir, "best"), max_to_keep=1))
+
+
+def find_checkpoint_dir(path: str, prefer: str = "best") -> str:
+    """A checkpoint folder from a workdir (its ``best/`` or ``checkpoints/``) or a manager folder itself."""
+    for sub in ((prefer, "checkpoints", "best") if prefer else ("checkpoints", "best")):
+        candidate = os.path.join(path, sub)
+        if os.path.isdir(candidate) and Checkpointer(candidate).latest_step() is not None:
+            return candidate
+    if os.path.isdir(path) and Checkpointer(path).latest_step() is not None:
+        return path
+    raise FileNotFoundError(f"no orbax checkpoint found under {path!r} (looked for best/ and checkpoints/)")

@@ -1,0 +1,48 @@
+"""Entry point: ``python -m therapy_rl.main --config configs/X.py --workdir DIR [--config.a.b=v]``.
+
+Wires a config to its stage (``config.mode``: sft | ppo | eval); the stages live in importable modules.
+Running the same command again on the same workdir resumes from the last checkpoint.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events, reports.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host; see launch/).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed off TPU.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed off TPU.")
+flags.DEFINE_integer("process_id", None, "This process's index, for --distributed off TPU.")
+flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (e.g. gloo) for multi-process CPU runs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    if FLAGS.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
+    if FLAGS.distributed:
+        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    logging.info("JAX process %d/%d, local devices %s, global device count %d", jax.process_index(),
+                 jax.process_count(), jax.local_devices(), jax.device_count())
+    config = FLAGS.config
+    if config.mode == "sft":
+        from therapy_rl import sft_loop
+        sft_loop.train_and_evaluate(config, FLAGS.workdir)
+    elif config.mode == "ppo":
+        from therapy_rl.ppo import trainer
+        trainer.train_and_evaluate(config, FLAGS.workdir)
+    elif config.mode == "eval":
+        from therapy_rl.evaluation import runner
+        runner.evaluate(config, FLAGS.workdir)
+    else:
+        raise app.UsageError(f"config.mode must be sft, ppo or eval, got {config.mode!r}")
+
+
+if __name__ == "__main__":
+    app.run(main)
