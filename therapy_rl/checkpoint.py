@@ -36,6 +36,9 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, extras: dict[str, Any]) -> None:
+        """Saves ``step`` unless it exists already (a resumed run re-reaching a saved step holds the same state)."""
+        if int(step) in self._manager.all_steps():
+            return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
         self._manager.save(int(step), args=args, force=True)
         self._manager.wait_until_finished()
@@ -74,3 +77,32 @@ def find_checkpoint_dir(path: str, prefer: str = "best") -> str:
     if os.path.isdir(path) and Checkpointer(path).latest_step() is not None:
         return path
     raise FileNotFoundError(f"no orbax checkpoint found under {path!r} (looked for best/ and checkpoints/)")
+
+
+class BestTracker:
+    """Best validation metric so far and evals without improvement; saved in checkpoint extras."""
+
+    def __init__(self, mode: str = "min", patience_evals: int = 0, best: float | None = None, stale_evals: int = 0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, got {mode!r}")
+        self.mode, self.patience_evals = mode, patience_evals
+        self.best, self.stale_evals = best, stale_evals
+
+    def update(self, value: float) -> bool:
+        """Records ``value``; True when it is a new best."""
+        improved = self.best is None or (value < self.best if self.mode == "min" else value > self.best)
+        if improved:
+            self.best, self.stale_evals = float(value), 0
+        else:
+            self.stale_evals += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience_evals > 0 and self.stale_evals >= self.patience_evals
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best, "stale_evals": self.stale_evals}
+
+    def load_json(self, data: dict[str, Any]) -> None:
+        self.best, self.stale_evals = data.get("best"), int(data.get("stale_evals", 0))

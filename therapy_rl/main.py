@@ -32,8 +32,8 @@ def main(argv):
                  jax.process_count(), jax.local_devices(), jax.device_count())
     config = FLAGS.config
     if config.mode == "sft":
-        from therapy_rl import sft_loop
-        sft_loop.train_and_evaluate(config, FLAGS.workdir)
+        from therapy_rl import sft
+        sft.train_and_evaluate(config, FLAGS.workdir)
     elif config.mode == "ppo":
         from therapy_rl.ppo import trainer
         trainer.train_and_evaluate(config, FLAGS.workdir)
@@ -45,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.FLAGS.set_default("verbosity", -1)  # warnings and up; --verbosity=0 shows INFO (orbax is chatty)
     app.run(main)

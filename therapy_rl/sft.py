@@ -128,7 +128,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
             "train/loss": sums["nll_sum"] / denominator,
             "train/token_accuracy": sums["correct_count"] / denominator,
             "train/target_tokens": sums["target_count"],
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -159,3 +159,139 @@ def evaluate_loss(eval_step_fn: Callable, params: Any, batches) -> dict[str, flo
     count = max(totals["target_count"], 1.0)
     return {"val/loss": totals["nll_sum"] / count, "val/token_accuracy": totals["correct_count"] / count,
             "val/perplexity": float(np.exp(min(totals["nll_sum"] / count, 50.0)))}
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules) -> TrainState:
+    """Shardings of a train state: params and optimizer moments by ``rules``; step and key replicated."""
+    from therapy_rl import parallel
+
+    return parallel.named_shardings(abstract_state, rules, mesh)
+
+
+def init_train_state(params_or_fn, optimizer: optax.GradientTransformation, seed: int, mesh, rules):
+    """A train state born sharded: jit with ``out_shardings`` from the state's abstract shapes.
+
+    ``params_or_fn`` is a params pytree (e.g. loaded from HF) or a function of a key that initialises them.
+    Returns (state, state_shardings).
+    """
+    if callable(params_or_fn):
+        key = jax.random.key(seed)
+        make = lambda k: create_train_state(params_or_fn(k), optimizer, seed)  # noqa: E731
+        shardings = state_shardings(jax.eval_shape(make, key), mesh, rules)
+        return jax.jit(make, out_shardings=shardings)(key), shardings
+    make = lambda p: create_train_state(p, optimizer, seed)  # noqa: E731
+    shardings = state_shardings(jax.eval_shape(make, params_or_fn), mesh, rules)
+    return jax.jit(make, out_shardings=shardings)(params_or_fn), shardings
+
+
+def jit_train_step(train_step: Callable, mesh, shardings: TrainState, batch_example: dict) -> Callable:
+    """The train step jitted with explicit in/out shardings and a donated state."""
+    from therapy_rl import parallel
+
+    batch_sh = parallel.batch_shardings_like(batch_example, mesh)
+    return jax.jit(train_step, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(eval_step: Callable, mesh, params_shardings, batch_example: dict) -> Callable:
+    from therapy_rl import parallel
+
+    batch_sh = parallel.batch_shardings_like(batch_example, mesh)
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_sh), out_shardings=parallel.replicated(mesh))
+
+
+# ----------------------------------------------------------------------------------------------- the SFT loop
+
+
+def _optimizer_config(config, total_steps: int) -> OptimizerConfig:
+    return OptimizerConfig(learning_rate=config.learning_rate, warmup_steps=int(round(config.warmup_fraction * total_steps)),
+                           total_steps=total_steps, schedule=config.lr_schedule, weight_decay=config.weight_decay,
+                           grad_clip_norm=config.grad_clip_norm)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) SFT in ``workdir``; returns the final validation metrics."""
+    import math
+    import os
+
+    from therapy_rl import checkpoint, parallel, run_files
+    from therapy_rl.data import batches, pipeline
+    from therapy_rl.metrics_writer import MetricsWriter
+    from therapy_rl.models import build, gpt2
+
+    os.makedirs(workdir, exist_ok=True)
+    splits = pipeline.load_samples(config.data, ("train", "val", "test"))
+    tok = pipeline.build_tokenizer(config.tokenizer, config.model, config.data, splits["train"], workdir)
+    train = pipeline.encode_split(tok, config.data, splits["train"], with_prompts=False, name="train")
+    val = pipeline.encode_split(tok, config.data, splits["val"], name="val")
+    model_config = build.model_config_from(config.model, tok.vocab_size)
+    run_files.write_run_info(workdir, config, model_config)
+
+    mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    iterator = batches.BatchIterator(train.sft, config.global_batch_size, seed=config.seed)
+    total_steps = config.max_steps or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
+    optimizer = make_optimizer(_optimizer_config(config, total_steps))
+    model = gpt2.GPT2LMHeadModel(model_config)
+    state, shardings = init_train_state(build.initial_params(config.model, model_config, config.seed), optimizer,
+                                        config.seed, mesh, parallel.GPT2_PARTITION_RULES)
+    print(f"[sft] model {gpt2.count_params(state.params) / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
+          f"{iterator.steps_per_epoch} steps/epoch, {total_steps} steps")
+
+    last_ckpt, best_ckpt = checkpoint.run_checkpointers(workdir, config.keep_checkpoints)
+    tracker = checkpoint.BestTracker("min", config.early_stopping_patience_evals)
+    if last_ckpt.latest_step() is not None:
+        state, extras = last_ckpt.restore(state)
+        iterator.set_state(extras["data_iterator"])
+        tracker.load_json(extras["best"])
+        print(f"[sft] resumed from step {int(state.step)} in {last_ckpt.directory}")
+
+    batch_example = next(iter(batches.eval_batches(train.sft, iterator.local_batch_size)))
+    train_step = jit_train_step(make_train_step(model, optimizer, config.grad_accum_steps,
+                                                dropout=model_config.dropout_rate > 0), mesh, shardings, batch_example)
+    eval_step = jit_eval_step(make_eval_step(model), mesh, shardings.params, batch_example)
+
+    def validation_metrics():
+        eval_iter = (parallel.global_batch_from_host(b, mesh) for b in batches.eval_batches(val.sft, config.eval_batch_size))
+        return evaluate_loss(eval_step, state.params, eval_iter)
+
+    step = int(state.step)
+    writer = MetricsWriter(workdir, total_steps, initial_step=step, description="sft",
+                           enable_progress_bar=config.progress_bar)
+    lr_at = learning_rate_schedule(_optimizer_config(config, total_steps))
+    val_metrics: dict[str, float] = {}
+    stop = tracker.should_stop
+    while step < total_steps and not stop:
+        state, metrics = train_step(state, parallel.global_batch_from_host(next(iterator), mesh))
+        step += 1
+        last = step == total_steps
+        if step % config.log_every_steps == 0 or last:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics.update({"train/learning_rate": float(lr_at(step - 1)), "train/epoch": step / iterator.steps_per_epoch})
+            writer.write(step, metrics)
+            writer.advance(0, {"loss": metrics["train/loss"]})
+        writer.advance(1)
+        if step % config.eval_every_steps == 0 or last:
+            val_metrics = validation_metrics()
+            if tracker.update(val_metrics["val/loss"]):
+                best_ckpt.save(step, {"params": state.params}, {"val/loss": val_metrics["val/loss"]})
+            stop = tracker.should_stop
+            writer.write(step, {**val_metrics, "val/best_loss": tracker.best})
+        if step % config.checkpoint_every_steps == 0 or last or stop:
+            last_ckpt.save(step, state, {"data_iterator": iterator.get_state(), "best": tracker.to_json()})
+    writer.close()
+    if stop and step < total_steps:
+        print(f"[sft] early stop at step {step}: no val/loss improvement in {tracker.patience_evals} evals")
+    if not val_metrics:
+        val_metrics = validation_metrics()
+    print(f"[sft] step {step}: val/loss {val_metrics['val/loss']:.4f} (best {tracker.best:.4f}), "
+          f"checkpoints in {workdir}")
+    if config.num_sample_replies:
+        from therapy_rl import replies
+
+        replies.print_sample_replies(model_config, state.params, tok, val, config, config.num_sample_replies)
+    if config.export_hf and jax.process_index() == 0:
+        from therapy_rl.models import hf_io
+
+        hf_io.save_hf_gpt2(model_config, jax.device_get(state.params), os.path.join(workdir, "hf_export"))
+        tok.hf.save_pretrained(os.path.join(workdir, "hf_export"))
+    return val_metrics

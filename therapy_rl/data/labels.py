@@ -34,3 +34,15 @@ PROBLEM, USER, USER_EMOTION = "<problem>", "<user>", "<user_emotion>"
 THERAPIST, THERAPIST_EMOTION = "<therapist>", "<therapist_emotion>"
 STRATEGY, CONTEXT = "<strategy>", "<context>"
 MARKER_TOKENS = (BOS, EOS, PAD, PROBLEM, USER, USER_EMOTION, THERAPIST, THERAPIST_EMOTION, STRATEGY, CONTEXT)
+
+# ESConv supporter strategies (its strategy.json, without brackets); seeker rows carry none.
+ESCONV_STRATEGIES = (
+    "Question",
+    "Restatement or Paraphrasing",
+    "Reflection of feelings",
+    "Self-disclosure",
+    "Affirmation and Reassurance",
+    "Providing Suggestions",
+    "Information",
+    "Others",
+)

@@ -1,0 +1,311 @@
+"""Autoregressive sampling: prefill the prompt into a KV cache, then a `lax.while_loop` decode.
+
+Everything here is traceable; `make_generate_fn` jits `generate` once for a (model config, sampling
+config) pair, and callers may pass mesh shardings through it.
+
+Logprobs (decision): `SampleOutput.logprobs[b, n]` is log softmax of the RAW model logits (temperature 1,
+no top-k/top-p) at the chosen token, i.e. exactly what a teacher-forced forward pass of the same params
+gives. That is the policy probability PPO needs for old-vs-new ratios and for the KL to a reference model.
+`SampleOutput.sampling_logprobs` is the log-probability under the distribution actually sampled from
+(temperature, then top-k, then top-p), 0 for greedy; use it for diagnostics or importance corrections.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from therapy_rl.models.gpt2 import GPT2Config, GPT2LMHeadModel, KVCache, init_cache, lm_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static decoding settings (hashable: a jit static argument)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off; ties with the k-th logit are kept
+    top_p: float = 1.0  # 1.0 = off; smallest set with mass >= top_p, ties at the cut kept
+    greedy: bool = False  # argmax of the raw logits; temperature/top-k/top-p ignored
+    eos_id: Optional[int] = None  # None = never stop early
+    pad_id: int = 0  # emitted after a row's EOS and for rows that never started
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"SamplingConfig.temperature must be > 0 (use greedy=True for argmax), "
+                             f"got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] int32; pad_id after a row's EOS
+    response_mask: jax.Array  # [B, N] int32; 1 up to and including the first EOS
+    lengths: jax.Array  # [B] int32; response_mask.sum(-1)
+    logprobs: jax.Array  # [B, N] float32; raw model log p (T=1, unfiltered) of the chosen token; 0 where masked
+    sampling_logprobs: jax.Array  # [B, N] float32; log p under the filtered, tempered distribution; 0 for greedy
+
+
+# ----------------------------------------------------------------------------------------------- filters
+#
+# Semantics (shared by the pure filters, the sampler and the NumPy reference in the tests):
+#   top-k keeps every logit >= the k-th largest (ties with it are kept, so possibly more than k);
+#   top-p sorts descending and keeps each logit whose probability mass strictly before it is < p
+#   (the token that crosses p is kept), then also every logit tied with the smallest kept one.
+# Filtered logits are set to -inf.
+
+_NEG_INF = -jnp.inf
+# Top-p first looks at this many best candidates; a full sort runs only when they hold less than p.
+NUCLEUS_CANDIDATES = 256
+
+
+def _top_values(logits: jax.Array, k: int) -> jax.Array:
+    """The k largest logits per row, descending."""
+    # XLA's CPU pipeline rewrites a TopK whose indices go unused into a full sort (~100x slower at
+    # V=50257); the optimisation barrier on both outputs keeps the TopK op.
+    values, _ = lax.optimization_barrier(lax.top_k(logits, k))
+    return values
+
+
+def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:
+    return logits if temperature == 1.0 else logits / jnp.asarray(temperature, logits.dtype)
+
+
+def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
+    """Keep logits >= the k-th largest (ties kept); others -> -inf. k=0 or k >= V: unchanged."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = _top_values(logits, k)[..., -1:]
+    return jnp.where(logits < threshold, _NEG_INF, logits)
+
+
+def _nucleus_threshold(sorted_desc: jax.Array, log_normalizer: jax.Array, p: float) -> jax.Array:
+    """Smallest kept logit [..., 1]: candidate i is kept iff the mass strictly before it is < p."""
+    probs = jnp.exp(sorted_desc - log_normalizer)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < p, sorted_desc, jnp.inf)  # the first candidate is always kept
+    return jnp.min(kept, axis=-1, keepdims=True)
+
+
+def apply_top_p(logits: jax.Array, p: float, sorted_candidates: Optional[jax.Array] = None) -> jax.Array:
+    """Nucleus filter (see the semantics above). p >= 1: unchanged.
+
+    `sorted_candidates` [..., C]: the C largest logits, descending, when the caller already has them
+    (top-k); the normaliser still runs over all of `logits`, so the result is exact. Without them the
+    best NUCLEUS_CANDIDATES are tried first and a full sort runs only if they hold less than p.
+    """
+    if p >= 1.0:
+        return logits
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    vocab = logits.shape[-1]
+
+    def threshold_from(candidates):
+        return _nucleus_threshold(candidates, log_normalizer, p)
+
+    if sorted_candidates is not None:
+        # The candidates must cover the nucleus: true for top-k survivors (everything else is -inf).
+        threshold = threshold_from(sorted_candidates)
+    elif vocab <= NUCLEUS_CANDIDATES:
+        threshold = threshold_from(-jnp.sort(-logits, axis=-1))
+    else:
+        candidates = _top_values(logits, NUCLEUS_CANDIDATES)
+        covered = jnp.all(jnp.sum(jnp.exp(candidates - log_normalizer), axis=-1) >= p)
+        threshold = lax.cond(covered, lambda: threshold_from(candidates),
+                             lambda: threshold_from(-jnp.sort(-logits, axis=-1)))
+    return jnp.where(logits < threshold, _NEG_INF, logits)
+
+
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Temperature, then top-k, then top-p (the Hugging Face order), as float32 logits [..., V]."""
+    logits = apply_temperature(logits.astype(jnp.float32), sampling.temperature)
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        top_values = _top_values(logits, sampling.top_k)  # [..., k] descending
+        logits = jnp.where(logits < top_values[..., -1:], _NEG_INF, logits)
+        return apply_top_p(logits, sampling.top_p, sorted_candidates=top_values)
+    return apply_top_p(logits, sampling.top_p)
+
+
+# Two-level categorical draw: pick a block of the vocabulary by inverse CDF over block masses, then a
+# token inside it by Gumbel-max. Exact, and it draws B*(1 + block) random numbers instead of B*V
+# (threefry Gumbel noise over the whole GPT-2 vocabulary costs ~10 ms a step on CPU).
+_BLOCK = 256
+
+
+def categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
+    """Sample ids [B] from softmax(logits [B, V]); -inf logits are never drawn."""
+    batch, vocab = logits.shape
+    if vocab <= 2 * _BLOCK:
+        return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    n_blocks = -(-vocab // _BLOCK)
+    padded = jnp.pad(logits, ((0, 0), (0, n_blocks * _BLOCK - vocab)), constant_values=_NEG_INF)
+    blocks = padded.reshape(batch, n_blocks, _BLOCK)
+    weights = jnp.exp(blocks - jnp.max(logits, axis=-1)[:, None, None])
+    cum_mass = jnp.cumsum(weights.sum(-1), axis=-1)  # [B, n_blocks]
+    block_key, token_key = jax.random.split(rng)
+    target = jax.random.uniform(block_key, (batch, 1)) * cum_mass[:, -1:]
+    block = jnp.sum(cum_mass <= target, axis=-1)  # first block whose cumulative mass exceeds target
+    # Rounding can put target at the very top: fall back to the last block with any mass.
+    last_nonempty = n_blocks - 1 - jnp.argmax((weights.sum(-1) > 0)[:, ::-1], axis=-1)
+    block = jnp.minimum(block, last_nonempty)
+    in_block = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [B, block]
+    offset = jax.random.categorical(token_key, in_block, axis=-1)
+    return (block * _BLOCK + offset).astype(jnp.int32)
+
+
+def _chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row from logits [B, V] -> (tokens [B] int32, raw logprob [B], sampling logprob [B])."""
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampling_lp = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        filtered = filter_logits(logits, sampling)
+        tokens = categorical(rng, filtered)
+        sampling_lp = _chosen_logprob(filtered, tokens)
+    return tokens, _chosen_logprob(logits, tokens), sampling_lp
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+# step_fn(previous_tokens [B] int32, step n (int32 scalar, the index of the token to produce), state)
+#   -> (logits [B, V] for token n, new state)
+StepFn = Callable[[jax.Array, jax.Array, object], Tuple[jax.Array, object]]
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array  # index of the next token to produce
+    last_tokens: jax.Array  # [B]
+    finished: jax.Array  # [B] bool
+    tokens: jax.Array  # [B, N]
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    rng: jax.Array
+    model_state: object
+
+
+def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
+                sampling: SamplingConfig, active: Optional[jax.Array] = None) -> SampleOutput:
+    """Decode `sampling.max_new_tokens` tokens; the model is reached only through `step_fn`.
+
+    first_logits [B, V] are the logits for token 0 (from the prefill). Each step splits the carried key,
+    samples, marks rows finished on EOS (finished rows then emit pad_id), and stops early once every row
+    is finished. `active` [B] bool (default all) marks rows to decode; inactive rows are finished from
+    the start and return only padding.
+    """
+    batch = first_logits.shape[0]
+    n_new = sampling.max_new_tokens
+    eos = -1 if sampling.eos_id is None else sampling.eos_id
+    pad = jnp.int32(sampling.pad_id)
+    finished0 = jnp.zeros((batch,), bool) if active is None else ~active.astype(bool)
+
+    def emit(state: _LoopState, logits: jax.Array, key: jax.Array) -> _LoopState:
+        tokens, lp, slp = sample_token(logits, key, sampling)
+        live = ~state.finished
+        tokens = jnp.where(live, tokens, pad)
+        lp, slp = jnp.where(live, lp, 0.0), jnp.where(live, slp, 0.0)
+        at = (0, state.step)
+        return state._replace(
+            last_tokens=tokens,
+            finished=state.finished | (live & (tokens == eos)),
+            tokens=lax.dynamic_update_slice(state.tokens, tokens[:, None], at),
+            logprobs=lax.dynamic_update_slice(state.logprobs, lp[:, None], at),
+            sampling_logprobs=lax.dynamic_update_slice(state.sampling_logprobs, slp[:, None], at),
+            step=state.step + 1,
+        )
+
+    rng, key0 = jax.random.split(rng)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        last_tokens=jnp.full((batch,), pad),
+        finished=finished0,
+        tokens=jnp.full((batch, n_new), pad, jnp.int32),
+        logprobs=jnp.zeros((batch, n_new), jnp.float32),
+        sampling_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+        rng=rng,
+        model_state=model_state,
+    )
+    state = emit(state, first_logits, key0)
+
+    def cond(s: _LoopState):
+        return (s.step < n_new) & ~jnp.all(s.finished)
+
+    def body(s: _LoopState):
+        rng, key = jax.random.split(s.rng)
+        logits, model_state = step_fn(s.last_tokens, s.step, s.model_state)
+        return emit(s._replace(rng=rng, model_state=model_state), logits, key)
+
+    state = lax.while_loop(cond, body, state)
+    return _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0)
+
+
+def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOutput:
+    """response_mask = 1 up to and including the first EOS (all ones without one); 0 for inactive rows."""
+    is_eos = (tokens == eos).astype(jnp.int32)
+    eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS strictly before each position
+    mask = ((eos_before == 0) & ~inactive[:, None]).astype(jnp.int32)
+    return SampleOutput(tokens=tokens, response_mask=mask, lengths=mask.sum(-1).astype(jnp.int32),
+                        logprobs=logprobs * mask, sampling_logprobs=sampling_logprobs * mask)
+
+
+# ----------------------------------------------------------------------------------------------- GPT-2
+
+
+def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+             sampling: SamplingConfig) -> SampleOutput:
+    """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
+
+    A cache of P + N slots is prefilled with the prompt, then one token per while-loop step. Positions
+    continue from each row's real prompt length. Rows whose prompt is all padding still decode (from
+    position 0); callers drop them via their own `valid` flag.
+    """
+    batch, prompt_len = prompt_ids.shape
+    total = prompt_len + sampling.max_new_tokens
+    if total > config.n_positions:
+        raise ValueError(f"generate: prompt length {prompt_len} + max_new_tokens {sampling.max_new_tokens} = "
+                         f"{total} exceeds the model's n_positions={config.n_positions}")
+    if prompt_mask.shape != prompt_ids.shape:
+        raise ValueError(f"generate: prompt_mask shape {prompt_mask.shape} != prompt_ids shape {prompt_ids.shape}")
+    model = GPT2LMHeadModel(config)
+    # Key mask over all cache slots: the prompt's, then every generated slot is real.
+    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32),
+                                jnp.ones((batch, sampling.max_new_tokens), jnp.int32)], axis=1)
+    cache = init_cache(config, batch, total)
+    prefill = model.apply({"params": params}, prompt_ids, key_mask, cache=cache, compute_logits=False)
+    first_logits = lm_logits(params["wte"]["embedding"], prefill.hidden_states[:, -1], config)  # [B, V]
+    prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)
+
+    def step_fn(last_tokens, step, cache: KVCache):
+        # The token produced at step n-1 sits at position prompt_length + n - 1.
+        positions = (prompt_lengths + step - 1)[:, None]
+        out = model.apply({"params": params}, last_tokens[:, None], key_mask, position_ids=positions,
+                          cache=cache, compute_logits=False)
+        return lm_logits(params["wte"]["embedding"], out.hidden_states[:, 0], config), out.cache
+
+    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling)
+
+
+def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_kwargs):
+    """`fn(params, prompt_ids, prompt_mask, rng) -> SampleOutput`, jitted once for these static configs.
+
+    `jit_kwargs` go to `jax.jit` (e.g. in_shardings / out_shardings for a mesh).
+    """
+    fn = functools.partial(_generate_positional, config=model_config, sampling=sampling)
+    return jax.jit(fn, **jit_kwargs)
+
+
+def _generate_positional(params, prompt_ids, prompt_mask, rng, *, config, sampling):
+    return generate(params, config, prompt_ids, prompt_mask, rng, sampling)
