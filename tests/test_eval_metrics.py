@@ -230,6 +230,8 @@ def test_parse_generation():
     assert p.emotion == "anger." and metrics.valid_emotion(p.emotion) is None
     p = metrics.parse_generation("<strategy>Open question<therapist>How are you?<therapist_emotion>JOY")
     assert (p.strategy, p.text, p.emotion) == ("Open question", "How are you?", "joy")
+    p = metrics.parse_generation("<strategy><Open question> How are you?<therapist_emotion>sadness<eos>")
+    assert (p.strategy, p.text, p.emotion) == ("Open question", "How are you?", "sadness")
     p = metrics.parse_generation("Sure.<user>I made this turn up<therapist_emotion>neutral")
     assert p.text == "Sure." and p.emotion == "neutral"
     p = metrics.parse_generation("Text then tag only <therapist_emotion>")

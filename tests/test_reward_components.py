@@ -132,19 +132,25 @@ QUALITY_CASES = [
 ]
 
 
+QUALITY_BATCH, QUALITY_LENGTH = 128, 192  # one shape for every quality test: one compilation per config
+
+
 def run_quality(tok, tables, texts, cfg, **kw):
     rows = [response(tok, t, **kw) for t in texts]
-    length = max(N, max(len(r) for r in rows))
-    ids, mask = batch_of(tok, rows, length)
+    assert len(rows) <= QUALITY_BATCH
+    ids, mask = batch_of(tok, rows + [[]] * (QUALITY_BATCH - len(rows)), QUALITY_LENGTH)
     return _quality_jit(tables, ids, mask, cfg)
+
+
+CUSTOM_QUALITY = C.QualityConfig(min_chars=30, max_chars=60, length_weight=5.0, overuse_max_count=2,
+                                 overuse_weight=1.5, bigram_window=2, trigram_window=1)
 
 
 @pytest.mark.parametrize("cfg", [
     C.QualityConfig(),
     C.QualityConfig(length_rule="paper"),
     C.QualityConfig(length_rule="none", nonascii_is_degenerate=False),
-    C.QualityConfig(min_chars=30, max_chars=60, length_weight=5.0, overuse_max_count=2, overuse_weight=1.5,
-                    bigram_window=2, trigram_window=1),
+    CUSTOM_QUALITY,
 ], ids=["range", "paper", "none", "custom"])
 def test_quality_matches_reference(tok, tables, cfg):
     parts = run_quality(tok, tables, QUALITY_CASES, cfg)
@@ -191,7 +197,7 @@ def test_quality_random_sweep(tok, tables):
         n = int(rng.integers(0, 16))
         words = [vocab[int(k)] for k in rng.integers(0, len(vocab), n)]
         texts.append(" ".join(words))
-    for cfg in (C.QualityConfig(), C.QualityConfig(length_rule="paper", overuse_max_count=1)):
+    for cfg in (C.QualityConfig(), C.QualityConfig(length_rule="paper"), CUSTOM_QUALITY):
         parts = run_quality(tok, tables, texts, cfg)
         for i, text in enumerate(texts):
             score = ref_quality(text, cfg)[0]
@@ -210,7 +216,7 @@ def test_quality_text_region(tok, tables):
     # words after <eos> (inside the mask) and under mask 0 do not count
     m = tok.marker_ids
     row = tok.encode_text("I hear you.") + [m[labels.EOS]] + tok.encode_text(" hope hope hope hope hope")
-    ids, mask = batch_of(tok, [row])
+    ids, mask = batch_of(tok, [row] + [[]] * (QUALITY_BATCH - 1), QUALITY_LENGTH)
     ids[0, len(row):len(row) + 5] = tok.encode_text("sad sad")[0]  # garbage under mask 0
     parts = _quality_jit(tables, ids, mask, C.QualityConfig())
     assert int(parts.num_chars[0]) == len("I hear you.")
@@ -218,7 +224,8 @@ def test_quality_text_region(tok, tables):
 
 
 def test_quality_ids_outside_vocabulary_are_special(tok, tables):
-    ids, mask = batch_of(tok, [tok.encode_text("I hear you.") + [tables.vocab_size + 5] + tok.encode_text(" more")])
+    row = tok.encode_text("I hear you.") + [tables.vocab_size + 5] + tok.encode_text(" more")
+    ids, mask = batch_of(tok, [row] + [[]] * (QUALITY_BATCH - 1), QUALITY_LENGTH)
     parts = _quality_jit(tables, ids, mask, C.QualityConfig())
     assert int(parts.num_chars[0]) == len("I hear you.")
 

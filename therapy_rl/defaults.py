@@ -21,10 +21,13 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.include_strategy = False  # tag each therapist turn with its strategy
     d.context_turns = 0  # previous turns given as context (0 = the paper's format)
     d.user_emotion_from = "last"  # first | last client utterance of the run
+    d.therapist_run = "first"  # first utterance of a therapist run (the paper) | merge the run
     d.problem_type = "unknown"  # problem-type policy for MESC (see data/SCHEMA.md)
     d.max_train_samples = 0  # 0 = all; else a deterministic prefix of the shuffled samples (smoke runs)
     d.max_eval_samples = 0  # 0 = all validation samples
     d.max_prompt_tokens = 96  # fixed prompt length for generation (left-padded)
+    d.esconv_emotion_map = ml_collections.ConfigDict()  # ESConv emotion -> MESC label; empty = the documented default
+    d.esconv_supporter_emotion = "neutral"  # ESConv has no supporter emotion: this label is used for every reply
     return d
 
 

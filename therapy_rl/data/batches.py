@@ -43,12 +43,11 @@ class LengthReport:
                 f"{self.truncated_user} in the user text + {self.truncated_other} elsewhere")
 
 
-def _trim_user(ids: np.ndarray, span: tuple[int, int], excess: int) -> tuple[np.ndarray, int]:
-    """Remove up to ``excess`` tokens from the start of the user text; returns (kept positions, removed)."""
+def _trim_user(length: int, span: tuple[int, int], excess: int) -> np.ndarray:
+    """Positions kept after removing up to ``excess`` tokens from the start of the user text ``span``."""
     start, end = span
     cut = min(excess, max(end - start, 0))
-    keep = np.concatenate([np.arange(start), np.arange(start + cut, len(ids))])
-    return keep, cut
+    return np.concatenate([np.arange(start), np.arange(start + cut, length)])
 
 
 def make_sft_arrays(encoded: Sequence[EncodedSample], max_length: int, *, pad_id: int,
@@ -70,7 +69,7 @@ def make_sft_arrays(encoded: Sequence[EncodedSample], max_length: int, *, pad_id
             if drop_long:
                 dropped_long += 1
                 continue
-            keep, cut = _trim_user(ids, e.user_span, len(ids) - max_length)
+            keep = _trim_user(len(ids), e.user_span, len(ids) - max_length)
             ids, mask = ids[keep][:max_length], mask[keep][:max_length]
             if len(keep) > max_length:
                 truncated_other += 1
@@ -119,7 +118,7 @@ def make_prompt_arrays(encoded: Sequence[EncodedSample | np.ndarray], samples: S
             if drop_long:
                 dropped_long += 1
                 continue
-            keep, cut = _trim_user(prompt, span, len(prompt) - max_prompt_length)
+            keep = _trim_user(len(prompt), span, len(prompt) - max_prompt_length)
             prompt = prompt[keep]
             if len(prompt) > max_prompt_length:
                 prompt = prompt[-max_prompt_length:]

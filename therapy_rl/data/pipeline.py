@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from therapy_rl.data import batches, samples as samples_lib, sources, tokenize
+from therapy_rl.data import batches, labels, samples as samples_lib, sources, tokenize
 
 SPLITS = ("train", "val", "test")
 ESCONV_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
@@ -57,6 +57,7 @@ def sample_options(data_cfg) -> samples_lib.SampleOptions:
         include_strategy=data_cfg.include_strategy,
         context_turns=data_cfg.context_turns,
         user_emotion_from=data_cfg.user_emotion_from,
+        therapist_run=data_cfg.therapist_run,
     )
 
 
@@ -84,7 +85,10 @@ def build_tokenizer(tokenizer_cfg, model_cfg, data_cfg, train_samples, workdir: 
     Order: an existing ``workdir/tokenizer``; ``tokenizer.path``; the HF checkpoint's tokenizer; else a
     byte-level BPE trained on the training texts.
     """
-    strategies = tuple(sorted({s.strategy for s in train_samples if s.strategy})) if data_cfg.include_strategy else ()
+    strategies = ()
+    if data_cfg.include_strategy:  # every strategy the source defines, so val/test-only ones still encode
+        known = {"mesc": labels.MESC_STRATEGIES, "esconv": labels.ESCONV_STRATEGIES}.get(data_cfg.source, ())
+        strategies = tuple(sorted(set(known) | {s.strategy for s in train_samples if s.strategy}))
     saved = os.path.join(workdir, "tokenizer")
     if not os.path.isdir(saved) and _is_main_process():
         building = saved + ".building"

@@ -17,12 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers (and the torch it pulls in) is imported only when a tokenizer is loaded
+    from transformers import PreTrainedTokenizerFast
 
 from therapy_rl.data import labels
 from therapy_rl.data.samples import Sample, SampleOptions
@@ -115,6 +117,8 @@ def load_tokenizer(model_dir: str | Path, strategies: Sequence[str] | None = Non
     strategies = tuple(strategies)
     if len(set(strategies)) != len(strategies):
         raise ValueError(f"duplicate strategies in {strategies}")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     hf = AutoTokenizer.from_pretrained(str(model_dir))
     if not isinstance(hf, PreTrainedTokenizerFast):
         raise TypeError(f"{model_dir}: expected a fast (tokenizers-backed) tokenizer, got {type(hf).__name__}")
@@ -159,6 +163,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=list(labels.MARKER_TOKENS), initial_alphabet=alphabet)
     bpe.train_from_iterator(texts, trainer)
+    from transformers import PreTrainedTokenizerFast
+
     hf = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=labels.BOS, eos_token=labels.EOS,
                                  pad_token=labels.PAD)
     out_dir = Path(out_dir)

@@ -239,6 +239,7 @@ def make_minilm_token_embedder(encoder=None, batch_size: int = 64) -> TokenEmbed
 
 # ----------------------------------------------------------------------------------------------- parsing replies
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKER_TOKENS) + ")")
+_STRATEGY_TOKEN_RE = re.compile(r"\s*<([^<>]+)>(.*)", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -250,10 +251,11 @@ class ParsedReply:
 
 
 def parse_generation(raw: str) -> ParsedReply:
-    """Split a decoded continuation of the prompt (`... <therapist>`) into reply text and tags.
+    """Split a decoded continuation of the prompt (`... <therapist>`) into reply text and tags (string level;
+    with token ids, `therapy_rl.data.tokenize.decode_reply` is exact and preferred).
 
     Text up to `<eos>` is read. The word right after `<therapist_emotion>` is the emotion (the paper's rule);
-    the text after `<strategy>` up to the next marker is the strategy; text at the start or after
+    after `<strategy>` comes a strategy token `<Name>` (then the reply) or the strategy as text; text at the start or after
     `<therapist>` is the reply (text after other markers, e.g. a made-up `<user>` turn, is dropped).
     """
     parts = _MARKER_RE.split(raw)
@@ -275,7 +277,12 @@ def parse_generation(raw: str) -> ParsedReply:
                 first = part.split()
                 emotion = first[0].lower() if first else None
         elif current == STRATEGY:
-            if strategy is None and part.strip():
+            # Strategies are single added tokens "<Open question>" followed by the reply, or plain text.
+            token = _STRATEGY_TOKEN_RE.match(part)
+            if token:
+                strategy = strategy or token.group(1).strip()
+                text_parts.append(token.group(2))
+            elif strategy is None and part.strip():
                 strategy = part.strip()
         elif current in (None, THERAPIST):  # text after other markers (a made-up next turn) is dropped
             text_parts.append(part)

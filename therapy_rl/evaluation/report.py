@@ -51,6 +51,7 @@ METRIC_LABELS = {
 # Metrics on a 0-1 scale drawn in the bar plot.
 BAR_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "token_f1", "bertscore_minilm_f1", "distinct_1",
                "distinct_2", "emotion_correct", "emotion_macro_f1", "strategy_correct")
+OVERLAP_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "token_f1", "bertscore_minilm_f1")
 PLOTS_DIR = "plots"
 
 
@@ -288,31 +289,44 @@ def _pyplot():
 
 def plot_metric_bars(metrics: Mapping[str, dict], path: str, *, baseline: float | None = None,
                      title: str = "Metrics (95% bootstrap CI)") -> str:
+    """Two panels: reference-overlap metrics (y autoscaled, they are small) and 0-1 rates (distinct-n, emotion,
+    strategy), with the emotion majority baseline drawn over the emotion-accuracy bar."""
     plt = _pyplot()
     names = [n for n in BAR_METRICS if n in metrics and metrics[n].get("mean") is not None]
-    means = np.array([metrics[n]["mean"] for n in names], np.float64)
-    low = np.array([metrics[n].get("low") if metrics[n].get("low") is not None else metrics[n]["mean"]
-                    for n in names], np.float64)
-    high = np.array([metrics[n].get("high") if metrics[n].get("high") is not None else metrics[n]["mean"]
-                     for n in names], np.float64)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4.5))
-    x = np.arange(len(names))
-    ax.bar(x, means, color="#4C72B0", yerr=np.stack([means - low, high - means]), capsize=4,
-           error_kw={"elinewidth": 1.2})
-    for xi, m in zip(x, means):
-        ax.text(xi, m + 0.01, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
-    if baseline is not None and "emotion_correct" in names:
-        xi = names.index("emotion_correct")
-        ax.hlines(baseline, xi - 0.45, xi + 0.45, colors="#C44E52", linestyles="--", label="majority baseline")
-        ax.legend(loc="upper left", fontsize=8)
-    ax.set_xticks(x, [METRIC_LABELS.get(n, n) for n in names], rotation=35, ha="right", fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
+    groups = [("reference overlap", [n for n in names if n in OVERLAP_METRICS], False),
+              ("diversity and labels", [n for n in names if n not in OVERLAP_METRICS], True)]
+    groups = [g for g in groups if g[1]]
+    widths = [max(2.0, 0.75 * len(g[1]) + 1) for g in groups]
+    fig, axes = plt.subplots(1, len(groups), figsize=(sum(widths) + 1, 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, (panel, keys, unit_scale) in zip(axes[0], groups):
+        means = np.array([metrics[n]["mean"] for n in keys], np.float64)
+        low = np.array([_or(metrics[n].get("low"), metrics[n]["mean"]) for n in keys], np.float64)
+        high = np.array([_or(metrics[n].get("high"), metrics[n]["mean"]) for n in keys], np.float64)
+        x = np.arange(len(keys))
+        ax.bar(x, means, color="#4C72B0", yerr=np.stack([means - low, high - means]), capsize=4,
+               error_kw={"elinewidth": 1.2})
+        top = 1.05 if unit_scale else max(float(high.max()) * 1.2, 1e-3)
+        for xi, m, h in zip(x, means, high):
+            ax.text(xi, h + 0.015 * top, f"{m:.3f}", ha="center", va="bottom", fontsize=8)
+        if baseline is not None and "emotion_correct" in keys:
+            xi = keys.index("emotion_correct")
+            ax.hlines(baseline, xi - 0.45, xi + 0.45, colors="#C44E52", linestyles="--", linewidth=2,
+                      label=f"majority baseline {baseline:.3f}")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_xticks(x, [METRIC_LABELS.get(n, n) for n in keys], rotation=35, ha="right", fontsize=9)
+        ax.set_ylim(0, top)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def plot_confusion(confusion: Mapping[str, Any], path: str, title: str = "Therapist emotion: reference vs generated") -> str:

@@ -350,15 +350,12 @@ def text_region_mask(tables: PolicyTables, response_ids, response_mask):
     return mask & after & (jnp.cumsum(special.astype(jnp.int32), axis=1) == 0)
 
 
-def _segmented_hash(flags, h, p):
-    """Inclusive segmented scan of (h, p) ⊕ (h', p') = (h·p' + h', p·p'), restarting where flags is True."""
-
-    def combine(a, b):
-        fa, ha, pa = a
-        fb, hb, pb = b
-        return fa | fb, jnp.where(fb, hb, ha * pb + hb), jnp.where(fb, pb, pa * pb)
-
-    return jax.lax.associative_scan(combine, (flags, h, p), axis=1)[1]
+def _inverse_odd_u32(a):
+    """Multiplicative inverse of odd uint32 values mod 2^32 (Newton: each step doubles the correct bits)."""
+    x = a
+    for _ in range(5):
+        x = x * (jnp.uint32(2) - a * x)
+    return x
 
 
 def _shift_right(x, d, fill=0):
@@ -387,12 +384,6 @@ def words_from_tokens(tables: PolicyTables, response_ids, text_mask) -> WordArra
     is_word_tok = lettered | inner_apostrophe
     prev_word_tok = _shift_right(is_word_tok, 1, False)
     starts = is_word_tok & (space_first | ~prev_word_tok)
-    flags = starts | ~is_word_tok
-    zero, one = jnp.uint32(0), jnp.uint32(1)
-    h_a = _segmented_hash(flags, jnp.where(is_word_tok, _take(tables.hash_a, response_ids), zero),
-                          jnp.where(is_word_tok, _take(tables.pow_a, response_ids), one))
-    h_b = _segmented_hash(flags, jnp.where(is_word_tok, _take(tables.hash_b, response_ids), zero),
-                          jnp.where(is_word_tok, _take(tables.pow_b, response_ids), one))
     next_continues = jnp.concatenate(
         [is_word_tok[:, 1:] & ~starts[:, 1:], jnp.zeros((batch, 1), bool)], axis=1)
     is_last = is_word_tok & ~next_continues
@@ -400,11 +391,23 @@ def words_from_tokens(tables: PolicyTables, response_ids, text_mask) -> WordArra
     last_slot = jnp.where(is_last, word_idx, length)       # `length` = dropped
     tok_slot = jnp.where(is_word_tok, word_idx, length)
 
-    def scatter(slots, values):
-        return jax.vmap(lambda s, v: jnp.zeros((length + 1,), v.dtype).at[s].add(v)[:length])(slots, values)
+    def scatter(slots, values):  # out[b, w] = sum_t [slots[b, t] == w] * values[b, t]  (slot `length` dropped)
+        onehot = slots[:, :, None] == jnp.arange(length)[None, None, :]  # [B,N_tok,N_slot]
+        return jnp.sum(jnp.where(onehot, values[:, :, None], jnp.zeros((), values.dtype)), axis=1)
+
+    # Word hash = Horner over its tokens: sum_t h_t * prod_{t' after t in the word} base^len(t').
+    # With row-wide prefix products cp of the (odd) base powers, that product is cp[last] / cp[t] mod 2^32.
+    last_pos = scatter(last_slot, jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)))
+    tok_last = jnp.take_along_axis(last_pos, jnp.clip(word_idx, 0, length - 1), axis=1)
+
+    def word_hash(hash_table, pow_table):
+        h = jnp.where(is_word_tok, _take(hash_table, response_ids), jnp.uint32(0))
+        cp = jnp.cumprod(jnp.where(is_word_tok, _take(pow_table, response_ids), jnp.uint32(1)), axis=1)
+        tail = jnp.take_along_axis(cp, tok_last, axis=1) * _inverse_odd_u32(cp)
+        return scatter(tok_slot, jnp.where(is_word_tok, h * tail, jnp.uint32(0)))
 
     num_words = starts.sum(axis=1).astype(jnp.int32)
-    return WordArrays(hash_a=scatter(last_slot, h_a), hash_b=scatter(last_slot, h_b),
+    return WordArrays(hash_a=word_hash(tables.hash_a, tables.pow_a), hash_b=word_hash(tables.hash_b, tables.pow_b),
                       letters=scatter(tok_slot, jnp.where(is_word_tok, letters, 0)),
                       valid=jnp.arange(length)[None, :] < num_words[:, None], num_words=num_words)
 
