@@ -373,7 +373,21 @@ def test_confidence_intervals_cover_every_metric():
     for name, value in ci["per_sample"].items():
         assert value["low"] <= result["means"][name] + 1e-12 <= value["high"] + 2e-12
     assert ci["corpus"]["distinct_1"]["mean"] == pytest.approx(result["corpus"]["distinct_1"])
+    for value in ci["corpus"].values():
+        assert value["low"] <= value["mean"] <= value["high"] and "bootstrap_bias" in value
     assert ci == bootstrap.confidence_intervals(result, n_resamples=300, seed=1)
+
+
+def test_distinct_n_bootstrap_is_biased_and_the_shift_recentres_it():
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(3000)]
+    toks = [list(rng.choice(vocab, size=12)) for _ in range(300)]  # mostly unique bigrams
+    stat = bootstrap.distinct_n_statistic(toks, 2)
+    raw = bootstrap.statistic_ci(stat, 300, n_resamples=300, seed=0, bias_correct=False)
+    shifted = bootstrap.statistic_ci(stat, 300, n_resamples=300, seed=0)
+    assert raw["high"] < raw["mean"]  # resampling duplicates replies: the plain percentile CI misses the value
+    assert shifted["low"] <= shifted["mean"] <= shifted["high"] and shifted["bootstrap_bias"] < -0.2
+    assert shifted["high"] - shifted["low"] == pytest.approx(raw["high"] - raw["low"])
 
 
 def test_paired_bootstrap_detects_real_difference_and_not_null():

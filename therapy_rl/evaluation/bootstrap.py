@@ -4,7 +4,9 @@
   statistic on each resample, report the (1-c)/2 and (1+c)/2 quantiles of those R values around the statistic
   on the full data.
 - Corpus-level metrics (distinct-n, emotion macro-F1) are recomputed on each resample of samples; a sample drawn
-  twice contributes its n-grams twice (so they count twice in the denominator, once in the distinct set).
+  twice contributes its n-grams twice (so they count twice in the denominator, once in the distinct set). That
+  biases set statistics downward, so their percentile interval is shifted by the bootstrap bias
+  (mean of resampled values - value on the data), reported beside it (see `statistic_ci`).
 - Paired test between systems A and B scored on the same samples: resample sample indices, take
   mean(B - A) on each resample; CI from the percentiles; two-sided p-value from the resampled differences
   re-centred on 0 (the null), p = (1 + #{|d* - d| >= |d|}) / (R + 1).
@@ -59,12 +61,24 @@ def percentile_ci(values: Sequence[float | None], *, n_resamples: int = 1000, se
 
 
 def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95, indices: np.ndarray | None = None) -> dict:
-    """CI of any statistic of a set of samples: `statistic(index_array) -> float` (full data: arange(n))."""
+                 confidence: float = 0.95, indices: np.ndarray | None = None, bias_correct: bool = True) -> dict:
+    """CI of any statistic of a set of samples: `statistic(index_array) -> float` (full data: arange(n)).
+
+    With `bias_correct`, the percentile interval is shifted by the bootstrap bias b = mean(stat*) - stat, which
+    is reported as "bootstrap_bias". Set statistics need it: a resample leaves out about a third of the replies and
+    draws others two or more times, whose n-grams then repeat, so resampled distinct-2 on MESC test references averages 0.49 against
+    0.725 on the data itself; the spread is still informative (its sd, 0.015, is close to the half-sampling
+    estimate, 0.011), the location is not.
+    """
     idx = bootstrap_indices(n, n_resamples, seed) if indices is None else indices
     point = float(statistic(np.arange(n)))
     resampled = np.array([statistic(row) for row in idx], np.float64)
-    return _interval(point, resampled, confidence)
+    if not bias_correct:
+        return _interval(point, resampled, confidence)
+    bias = float(np.mean(resampled[np.isfinite(resampled)])) - point if np.isfinite(resampled).any() else 0.0
+    out = _interval(point, resampled - bias, confidence)
+    out["bootstrap_bias"] = bias
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- corpus statistics

@@ -135,8 +135,8 @@ def plot_comparison(comparison: Mapping[str, Any], path: str) -> str | None:
             v = comparison["table"][run].get(m) or {}
             mean = v.get("mean") if v.get("mean") is not None else np.nan
             means.append(mean)
-            err_low.append(mean - v["low"] if v.get("low") is not None else 0.0)
-            err_high.append(v["high"] - mean if v.get("high") is not None else 0.0)
+            err_low.append(max(0.0, mean - v["low"]) if v.get("low") is not None else 0.0)
+            err_high.append(max(0.0, v["high"] - mean) if v.get("high") is not None else 0.0)
         ax.bar(x + (k - (len(runs) - 1) / 2) * width, means, width, yerr=[err_low, err_high], capsize=3, label=run)
     ax.set_xticks(x, [METRIC_LABELS.get(n, n) for n in names], rotation=35, ha="right", fontsize=9)
     ax.set_ylim(0, 1.05)

@@ -250,7 +250,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str], n_sampl
             lines.append(f"- {key}: `{meta[key]}`")
     lines += [f"- samples: {report['n_samples']}", f"- METEOR variant: `{report['meteor_variant']}`",
               f"- confidence intervals: {report['ci']['confidence']:.0%} percentile bootstrap, "
-              f"{report['ci']['n_resamples']} resamples, seed {report['ci']['seed']}", ""]
+              f"{report['ci']['n_resamples']} resamples, seed {report['ci']['seed']}; corpus metrics' intervals "
+              "are shifted by the bootstrap bias (resampling repeats replies)", ""]
     lines += ["## Decoding", "", *_decoding_lines(report), ""]
     lines += ["## Metrics", "", *_metric_rows(report["metrics"]), ""]
     lines += ["BERTScore-MiniLM is greedy cosine matching of all-MiniLM-L6-v2 token states (no idf, no rescaling); "
@@ -304,7 +305,8 @@ def plot_metric_bars(metrics: Mapping[str, dict], path: str, *, baseline: float 
         low = np.array([_or(metrics[n].get("low"), metrics[n]["mean"]) for n in keys], np.float64)
         high = np.array([_or(metrics[n].get("high"), metrics[n]["mean"]) for n in keys], np.float64)
         x = np.arange(len(keys))
-        ax.bar(x, means, color="#4C72B0", yerr=np.stack([means - low, high - means]), capsize=4,
+        yerr = np.maximum(np.stack([means - low, high - means]), 0.0)  # a point outside its CI draws no bar
+        ax.bar(x, means, color="#4C72B0", yerr=yerr, capsize=4,
                error_kw={"elinewidth": 1.2})
         top = 1.05 if unit_scale else max(float(high.max()) * 1.2, 1e-3)
         for xi, m, h in zip(x, means, high):
