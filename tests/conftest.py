@@ -36,3 +36,17 @@ def data_dir():
     if path is None:
         pytest.skip("THERAPY_RL_DATA is not set to the shared datasets folder")
     return path
+
+
+def restore_checkpoint_as_numpy(path):
+    """A saved pytree read back as host numpy arrays, whatever devices or processes wrote it."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    item_metadata = checkpointer.metadata(path).item_metadata
+    tree = getattr(item_metadata, "tree", item_metadata)
+    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=is_leaf)
+    return checkpointer.restore(path, restore_args=restore_args)

@@ -1,4 +1,4 @@
-"""Evaluation metrics against direct nltk / rouge-score calls and plain-Python references; bootstrap; decoding search."""
+"""Evaluation metrics vs direct nltk / rouge-score calls and plain-Python references; bootstrap; decoding search."""
 import math
 import warnings
 from collections import Counter
@@ -126,6 +126,30 @@ def test_fallback_meteor_matches_plain_exact_stem_reference(ref, hyp):
         _reference_meteor_exact_stem(ref, hyp), abs=1e-12)
 
 
+def test_fallback_runs_for_real_without_wordnet(tmp_path):
+    """In a process whose NLTK search path has no WordNet, "auto" falls back, warns and names the variant."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, warnings, nltk\n"
+        f"nltk.data.path[:] = [{str(tmp_path)!r}]\n"
+        "from therapy_rl.evaluation import metrics\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    r = metrics.evaluate_generations([{'reference': 'I fear the dark', 'generated': 'I dread the dark',\n"
+        "                                       'gold_emotion': 'fear', 'pred_emotion': 'fear'}])\n"
+        "print(json.dumps({'variant': r['meteor_variant'], 'meteor': r['means']['meteor'],\n"
+        "                  'available': metrics.wordnet_available(),\n"
+        "                  'warned': any('exact+stem' in str(w.message) for w in caught)}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"variant": "exact+stem", "available": False, "warned": True,
+                   "meteor": pytest.approx(_reference_meteor_exact_stem("I fear the dark", "I dread the dark"))}
+
+
 def test_meteor_variant_is_named_and_fallback_never_silent(monkeypatch):
     monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
     with pytest.warns(UserWarning, match="exact\\+stem"):
@@ -199,8 +223,7 @@ def test_bertscore_minilm_matches_torch_sentence_transformer():
     transformers = pytest.importorskip("transformers")
     from therapy_rl.rewards.encoder import gt_package_model_dir
 
-    refs = ["How did that make you feel?", "Tell me more about your father, and about the summer you spent there.",
-            "Okay."]
+    refs = ["How did that make you feel?", "Tell me more about your father and the summer.", "Okay."]
     cands = ["How did you feel about that?", "Let us talk about your dad.", ""]
     ours = metrics.bertscore_minilm(refs, cands, metrics.make_minilm_token_embedder(batch_size=4))
     assert ours["bertscore_minilm_f1"][2] == 0.0  # an empty reply has no tokens
@@ -362,7 +385,10 @@ def test_corpus_statistics_match_metrics_on_resamples():
     f1 = bootstrap.macro_f1_statistic(gold, pred)
     for row in bootstrap.bootstrap_indices(len(texts), 25, 3):
         assert d2(row) == pytest.approx(metrics.distinct_n([toks[i] for i in row], 2))
-        assert f1(row) == pytest.approx(metrics.macro_f1([gold[i] for i in row], [pred[i] for i in row]))
+        full_labels = sorted(set(gold) | {p for p in pred if p})
+        assert f1(row) == pytest.approx(metrics.macro_f1([gold[i] for i in row], [pred[i] for i in row],
+                                                         labels=full_labels))
+    assert f1(np.arange(len(texts))) == pytest.approx(metrics.macro_f1(gold, pred))
 
 
 def test_confidence_intervals_cover_every_metric():

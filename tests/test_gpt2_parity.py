@@ -1,4 +1,5 @@
 """GPT-2 model and HF I/O: parity with transformers' PyTorch GPT-2 on a random tiny checkpoint."""
+import functools
 import json
 import os
 
@@ -22,6 +23,11 @@ from therapy_rl.models.gpt2 import (  # noqa: E402
 from therapy_rl.models.hf_io import load_hf_gpt2, resize_token_embeddings, save_hf_gpt2  # noqa: E402
 
 VOCAB, POSITIONS, EMBD, LAYERS, HEADS = 300, 64, 64, 2, 4
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _forward(params, ids, mask, config, cache=None):
+    return GPT2LMHeadModel(config).apply({"params": params}, ids, mask, cache=cache)
 
 
 def _random_hf_model(seed=0):
@@ -71,7 +77,7 @@ def test_config_from_hf_and_names(hf_dir, loaded):
         VOCAB, POSITIONS, EMBD, LAYERS, HEADS)
     assert params["h_1"]["attn"]["c_attn"]["kernel"].shape == (EMBD, 3 * EMBD)
     assert params["h_0"]["mlp"]["c_proj"]["kernel"].shape == (4 * EMBD, EMBD)
-    fresh = init_params(config, jax.random.PRNGKey(0))
+    fresh = jax.eval_shape(lambda key: init_params(config, key), jax.random.PRNGKey(0))
     assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(params)
     hf = _random_hf_model()
     assert count_params(params) == sum(p.numel() for p in hf.parameters())
@@ -81,7 +87,7 @@ def test_left_padded_logits_match_hf(hf_dir, loaded):
     config, params = loaded
     ids, mask = _left_padded_batch(np.random.default_rng(0))
     positions = np.asarray(position_ids_from_mask(jnp.asarray(mask)))
-    ours = np.asarray(GPT2LMHeadModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    ours = np.asarray(_forward(params, jnp.asarray(ids), jnp.asarray(mask), config).logits)
     theirs = _hf_logits(_random_hf_model(), ids, mask, positions)
     real = mask.astype(bool)
     diff = np.abs(ours - theirs)[real].max()
@@ -91,12 +97,12 @@ def test_left_padded_logits_match_hf(hf_dir, loaded):
 
 def test_left_padding_equals_unpadded(loaded):
     config, params = loaded
-    model = GPT2LMHeadModel(config)
     ids, mask = _left_padded_batch(np.random.default_rng(1))
-    padded = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits)
+    padded = np.asarray(_forward(params, jnp.asarray(ids), jnp.asarray(mask), config).logits)
     for row in range(ids.shape[0]):
         start = int((mask[row] == 0).sum())
-        alone = model.apply({"params": params}, jnp.asarray(ids[row:row + 1, start:])).logits
+        alone = _forward(params, jnp.asarray(ids[row:row + 1, start:]), jnp.ones((1, ids.shape[1] - start)),
+                         config).logits
         np.testing.assert_allclose(padded[row, start:], np.asarray(alone[0]), atol=2e-5, rtol=1e-5)
 
 
@@ -124,6 +130,27 @@ def test_bad_config_field_named(tmp_path, hf_dir):
         load_hf_gpt2(str(tmp_path))
 
 
+def test_old_style_names_and_shape_errors(tmp_path, hf_dir, loaded):
+    """Older GPT-2 files: no `transformer.` prefix, plus causal-mask buffers; a wrong shape names the tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    config, params = loaded
+    saved = load_file(os.path.join(hf_dir, "model.safetensors"))
+    tensors = {k.removeprefix("transformer."): v for k, v in saved.items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, POSITIONS, POSITIONS), np.float32))
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    (old_dir / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+    save_file(tensors, str(old_dir / "model.safetensors"))
+    _, old_params = load_hf_gpt2(str(old_dir))
+    np.testing.assert_array_equal(np.asarray(old_params["h_1"]["mlp"]["c_fc"]["kernel"]),
+                                  np.asarray(params["h_1"]["mlp"]["c_fc"]["kernel"]))
+    tensors["h.1.mlp.c_fc.weight"] = tensors["h.1.mlp.c_fc.weight"].T.copy()
+    save_file(tensors, str(old_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="h.1.mlp.c_fc.weight"):
+        load_hf_gpt2(str(old_dir))
+
+
 def test_round_trip_through_save_hf(tmp_path, loaded):
     config, params = loaded
     save_hf_gpt2(config, params, str(tmp_path))
@@ -141,9 +168,8 @@ def test_round_trip_through_save_hf(tmp_path, loaded):
 def test_bf16_close_to_fp32(loaded):
     config, params = loaded
     ids, mask = _left_padded_batch(np.random.default_rng(3))
-    fp32 = GPT2LMHeadModel(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
-    bf16 = GPT2LMHeadModel(config.replace(dtype="bfloat16")).apply({"params": params}, jnp.asarray(ids),
-                                                                     jnp.asarray(mask))
+    fp32 = _forward(params, jnp.asarray(ids), jnp.asarray(mask), config)
+    bf16 = _forward(params, jnp.asarray(ids), jnp.asarray(mask), config.replace(dtype="bfloat16"))
     assert bf16.logits.dtype == jnp.float32
     real = mask.astype(bool)
     diff = np.abs(np.asarray(bf16.logits) - np.asarray(fp32.logits))[real]
@@ -163,29 +189,32 @@ def test_remat_same_logits_and_grads(loaded):
 
     cfg = config.replace(dropout_rate=0.1)
     rng = jax.random.PRNGKey(7)
-    (l1, logits1), g1 = jax.value_and_grad(loss, has_aux=True)(params, cfg, rng)
-    (l2, logits2), g2 = jax.value_and_grad(loss, has_aux=True)(params, cfg.replace(remat=True), rng)
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l1, logits1), g1 = grad_fn(params, cfg, rng)
+    (l2, logits2), g2 = grad_fn(params, cfg.replace(remat=True), rng)
     np.testing.assert_allclose(np.asarray(logits1), np.asarray(logits2), atol=1e-6)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g1, g2)
     # Dropout really is active: another key changes the output.
-    (_, logits3), _ = jax.value_and_grad(loss, has_aux=True)(params, cfg, jax.random.PRNGKey(8))
+    (_, logits3), _ = grad_fn(params, cfg, jax.random.PRNGKey(8))
+    jaxpr_remat = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, cfg.replace(remat=True), rng)[0]))(params))
+    jaxpr_plain = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, cfg, rng)[0]))(params))
+    assert "remat" in jaxpr_remat and "remat" not in jaxpr_plain
     assert not np.allclose(np.asarray(logits1), np.asarray(logits3))
 
 
 def test_kv_cache_prefill_and_decode_match_full_forward(loaded):
     config, params = loaded
-    model = GPT2LMHeadModel(config)
     ids, mask = _left_padded_batch(np.random.default_rng(5), length=12)
     prompt_len, total = 8, 12
-    full = model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)).logits
+    full = _forward(params, jnp.asarray(ids), jnp.asarray(mask), config).logits
     cache = init_cache(config, ids.shape[0], total)
     key_mask = jnp.asarray(mask)
-    out = model.apply({"params": params}, jnp.asarray(ids[:, :prompt_len]), key_mask, cache=cache)
+    out = _forward(params, jnp.asarray(ids[:, :prompt_len]), key_mask, config, cache)
     pieces = [out.logits]
     cache = out.cache
     assert int(cache.index) == prompt_len
     for t in range(prompt_len, total):
-        out = model.apply({"params": params}, jnp.asarray(ids[:, t:t + 1]), key_mask, cache=cache)
+        out = _forward(params, jnp.asarray(ids[:, t:t + 1]), key_mask, config, cache)
         pieces.append(out.logits)
         cache = out.cache
     assert int(cache.index) == total
@@ -204,7 +233,7 @@ def test_resize_token_embeddings(loaded):
     mean = resize_token_embeddings(params, VOCAB + 2, jax.random.PRNGKey(0), method="mean")
     np.testing.assert_allclose(np.asarray(mean["wte"]["embedding"])[VOCAB:],
                                np.tile(np.asarray(params["wte"]["embedding"]).mean(0), (2, 1)), atol=1e-6)
-    out = GPT2LMHeadModel(config.replace(vocab_size=VOCAB + 5)).apply({"params": grown}, jnp.ones((1, 3), jnp.int32))
+    out = _forward(grown, jnp.ones((1, 3), jnp.int32), None, config.replace(vocab_size=VOCAB + 5))
     assert out.logits.shape == (1, 3, VOCAB + 5)
 
 

@@ -115,7 +115,8 @@ QUALITY_CASES = [
     # ordinary
     "I hear that you are feeling sad today.", "That sounds really hard for you. How does that make you feel?",
     "hahahaha", "It's okay to feel this way, don't you think?", "well-being matters", "café au lait, s'il vous plaît",
-    "Tell me more.\n\nAbout your week?", "ok", "I’m here — with you", "naïve naïve naïve naïve naïve", "Thanks.", "yes",
+    "Tell me more.\n\nAbout your week?", "ok", "I’m here — with you", "naïve naïve naïve naïve naïve",
+    "Thanks.", "yes",
     # repetition
     "yes yes yes yes", "ok thanks ok thanks ok thanks", "I feel I feel I feel I feel",
     "hope hope hope hope", "hope hope hope hope hope", "Hope HOPE hope hope hOpe", "care care care care care care",

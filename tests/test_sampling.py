@@ -79,6 +79,23 @@ def test_top_p_large_vocab_both_paths(scale):
         _assert_same_mask(apply_top_p(jnp.asarray(logits), p), np_top_p(logits, p))
 
 
+def test_nucleus_bisection_equals_sorted_threshold():
+    from therapy_rl.sampling import _nucleus_threshold_by_bisection
+
+    rng = np.random.default_rng(3)
+    logits = np.concatenate([rng.normal(size=(3, 300)) * np.array([[0.1], [2.0], [30.0]]), TIES],
+                            axis=1).astype(np.float32)
+    logits[0, 5] = -np.inf
+    logits[2] -= 100.0  # all-negative logits exercise the sign-folded keys
+    x = jnp.asarray(logits)
+    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    for p in (0.05, 0.5, 0.95):
+        threshold = np.asarray(_nucleus_threshold_by_bisection(x, lse, p))
+        ref = np_top_p(logits, p)
+        expected = np.where(np.isfinite(ref), ref, np.inf).min(-1, keepdims=True)
+        np.testing.assert_array_equal(threshold, expected.astype(np.float32))
+
+
 @pytest.mark.parametrize("k,p,t", [(0, 0.8, 1.0), (5, 1.0, 1.0), (5, 0.6, 0.7), (300, 0.9, 1.5), (3, 0.9, 1.0)])
 def test_filter_logits_is_temperature_then_top_k_then_top_p(k, p, t):
     rng = np.random.default_rng(1)
@@ -191,16 +208,19 @@ def _prompts():
 
 
 def _reference_greedy(params, ids, mask, steps):
-    """Full forward over the whole sequence at every step: no cache."""
-    model = GPT2LMHeadModel(CONFIG)
-    seq, seq_mask, chosen = jnp.asarray(ids), jnp.asarray(mask), []
-    for _ in range(steps):
-        logits = model.apply({"params": params}, seq, seq_mask).logits[:, -1]
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        chosen.append(np.asarray(token))
-        seq = jnp.concatenate([seq, token[:, None]], axis=1)
-        seq_mask = jnp.concatenate([seq_mask, jnp.ones_like(seq_mask[:, :1])], axis=1)
-    return np.stack(chosen, axis=1)
+    """Full forward over the whole sequence at every step: no cache.
+
+    The sequence lives in a fixed [B, P + steps] buffer (one compile); slots after the current token are
+    invisible to it under the causal mask, so their content does not matter.
+    """
+    forward = jax.jit(lambda seq, seq_mask: GPT2LMHeadModel(CONFIG).apply({"params": params}, seq, seq_mask).logits)
+    batch, prompt_len = ids.shape
+    seq = np.concatenate([ids, np.zeros((batch, steps), np.int32)], axis=1)
+    seq_mask = np.concatenate([mask, np.ones((batch, steps), np.int32)], axis=1)
+    for n in range(steps):
+        logits = np.asarray(forward(jnp.asarray(seq), jnp.asarray(seq_mask)))[:, prompt_len + n - 1]
+        seq[:, prompt_len + n] = logits.argmax(-1)
+    return seq[:, prompt_len:]
 
 
 def test_greedy_cache_equals_no_cache_reference(params):
@@ -240,6 +260,16 @@ def test_keys_control_samples(params):
     c = fn(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(6))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_active_rows(params):
+    ids, mask = _prompts()
+    fn = make_generate_fn(CONFIG, SamplingConfig(max_new_tokens=6, greedy=True, pad_id=7))
+    out = fn(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0), jnp.array([1, 0, 1]))
+    full = fn(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(out.tokens)[1], [7] * 6)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [6, 0, 6])
+    np.testing.assert_array_equal(np.asarray(out.tokens)[[0, 2]], np.asarray(full.tokens)[[0, 2]])
 
 
 def test_prompt_too_long_refused(params):

@@ -100,3 +100,105 @@ def sft_defaults() -> ml_collections.ConfigDict:
     c.sampling = sampling_defaults()
     c.export_hf = False  # also write the final params as an HF GPT-2 directory (hf_export/)
     return c
+
+
+def ppo_defaults() -> ml_collections.ConfigDict:
+    """PPO from an SFT run, in the paper's settings (TRL 0.11 PPOTrainer): batch and mini-batch 16, 4 PPO epochs,
+    lr 1e-6, clip 0.2, value-loss weight 0.1, adaptive KL 0.2 (target 6, horizon 10000), gamma 1, lambda 0.95,
+    sampled generation of at most 128 new tokens."""
+    c = ml_collections.ConfigDict()
+    c.mode = "ppo"
+    c.seed = 42
+    c.init_from = ""  # the SFT workdir (or one of its best/ / checkpoints/ folders); required
+    c.init_checkpoint = "best"  # best | last: which of the SFT run's checkpoints starts the policy and reference
+    c.init_step = -1  # step in that folder; -1 = its latest
+    c.data = data_defaults()  # fields left at their defaults take the SFT run's value (run_info.json)
+    c.data.source = ""  # "" = the SFT run's data source
+    c.mesh = mesh_defaults()
+
+    c.global_batch_size = 16  # prompts per PPO iteration (rollout batch), over all hosts
+    c.num_epochs = 4.0  # passes over the training prompts
+    c.max_iterations = 0  # 0 = num_epochs worth of iterations
+    c.learning_rate = 1e-6
+    c.warmup_fraction = 0.0  # of all optimizer updates (iterations x PPO epochs x mini-batches)
+    c.lr_schedule = "constant"  # linear | cosine | constant, after the warm-up
+    c.weight_decay = 0.0
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.999
+    c.adam_eps = 1e-8
+    c.grad_clip_norm = 0.0  # <= 0 = off (TRL 0.11 has none)
+
+    p = ml_collections.ConfigDict()
+    p.minibatch_size = 16  # rows per optimizer update; must divide global_batch_size
+    p.num_ppo_epochs = 4  # passes over each rollout batch
+    p.grad_accum_steps = 1  # micro-batches per mini-batch (must divide minibatch_size)
+    p.clip_eps = 0.2  # policy ratio clip
+    p.value_clip_eps = 0.2  # value clip around the rollout values; <= 0 = off
+    p.vf_coef = 0.1  # value-loss weight
+    p.entropy_coef = 0.0
+    p.loss_aggregation = "token_mean"  # token_mean | sequence_mean
+    p.adaptive_kl = True  # False = fixed coefficient
+    p.init_kl_coef = 0.2
+    p.kl_target = 6.0  # nats per response (adaptive controller)
+    p.kl_horizon = 10000.0  # samples (adaptive controller)
+    p.kl_estimator = "k1"  # k1 | k2 | k3 | abs: per-token KL in the penalty
+    p.gamma = 1.0
+    p.lam = 0.95
+    p.score_clip = 10.0  # raw reward clipped to [-c, c] before whitening; <= 0 = off
+    p.whiten_scores = True  # whiten rewards over the batch (the paper)
+    p.whiten_advantages = True
+    p.whiten_token_rewards = False
+    p.missing_eos_penalty = 0.0  # subtracted from the score of responses that never emit EOS; 0 = off
+    p.ratio_threshold = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL 0.11); <= 0 = off
+    p.separate_critic = False  # True = a second GPT-2 trunk (from the same SFT params) under the value head
+    p.dropout = False  # dropout in the update's forward passes (off: the first ratio is exactly 1)
+    p.value_dropout_rate = 0.1  # value-head dropout, only with dropout = True
+    p.value_head_init = "torch_linear"  # torch_linear | scaled_normal | zeros
+    c.ppo = p
+
+    r = ml_collections.ConfigDict()
+    r.kind = "therapy"  # therapy (rewards/combine.py) | emotion_tag | target_token
+    t = ml_collections.ConfigDict()  # rewards.combine.RewardConfig fields (unset ones keep its defaults)
+    t.quality_weight = 1.1
+    t.emotion_weight = 1.2
+    t.relevance_weight = 1.1
+    t.sentiment_weight = 0.7
+    t.empathy_weight = 0.7
+    t.penalty_weight = 1.0
+    t.use_quality = True
+    t.use_emotion = True
+    t.use_relevance = True
+    t.use_sentiment = True
+    t.use_empathy = True
+    t.use_penalty = True
+    t.use_safety = True
+    t.safety_after_clip = True
+    t.whiten = False  # the PPO step clips and whitens (ppo.score_clip, ppo.whiten_scores)
+    r.therapy = t
+    e = ml_collections.ConfigDict()  # emotion_tag: a simple reward read from the response's token ids
+    e.present_weight = 1.0  # a valid emotion label after <therapist_emotion>
+    e.correct_weight = 2.0  # the label equals the annotated therapist emotion
+    e.length_weight = 1.0  # times -min(1, |length - target_length| / target_length)
+    e.target_length = 32  # response tokens
+    r.emotion_tag = e
+    k = ml_collections.ConfigDict()  # target_token: the toy task, share of one token in the response
+    k.token = "the"  # a token string of the policy tokenizer
+    k.token_id = -1  # >= 0 overrides `token`
+    k.scale = 1.0
+    r.target_token = k
+    c.reward = r
+
+    c.sampling = sampling_defaults()
+    c.sampling.max_new_tokens = 128  # the paper; temperature 1, no top-k/top-p: PPO needs the raw policy
+
+    c.log_every_iterations = 1
+    c.eval_every_iterations = 50  # validation reward; also decides the best checkpoint
+    c.checkpoint_every_iterations = 50
+    c.keep_checkpoints = 2
+    c.early_stopping_patience_evals = 0  # 0 = off; else stop after this many evals without a better eval/scores
+    c.eval_at_start = True  # validate the SFT policy first (the baseline the best checkpoint must beat)
+    c.num_eval_prompts = 256  # first N validation prompts (fixed); 0 = all
+    c.eval_batch_size = 64
+    c.progress_bar = True
+    c.num_sample_replies = 4  # replies printed for validation prompts at the end
+    return c

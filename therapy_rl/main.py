@@ -23,6 +23,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
 
+    if not any(arg.startswith(("--verbosity", "-v")) for arg in argv[0:0] + __import__("sys").argv[1:]):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
     if FLAGS.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
     if FLAGS.distributed:
@@ -45,5 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.FLAGS.set_default("verbosity", -1)  # warnings and up; --verbosity=0 shows INFO (orbax is chatty)
     app.run(main)

@@ -8,6 +8,8 @@ no top-k/top-p) at the chosen token, i.e. exactly what a teacher-forced forward 
 gives. That is the policy probability PPO needs for old-vs-new ratios and for the KL to a reference model.
 `SampleOutput.sampling_logprobs` is the log-probability under the distribution actually sampled from
 (temperature, then top-k, then top-p), 0 for greedy; use it for diagnostics or importance corrections.
+PPO that samples at temperature T != 1 with no top-k/top-p and treats softmax(logits / T) as its policy
+should use `sampling_logprobs`, which is then exactly log_softmax(logits / T) at the chosen token.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ class SampleOutput(NamedTuple):
 # Filtered logits are set to -inf.
 
 _NEG_INF = -jnp.inf
-# Top-p first looks at this many best candidates; a full sort runs only when they hold less than p.
+# Top-p first looks at this many best candidates; only when they hold less than p does it search the
+# whole vocabulary (a bisection, since XLA's CPU sort of 16 x 50257 logits takes ~130 ms).
 NUCLEUS_CANDIDATES = 256
 
 
@@ -95,12 +98,41 @@ def _nucleus_threshold(sorted_desc: jax.Array, log_normalizer: jax.Array, p: flo
     return jnp.min(kept, axis=-1, keepdims=True)
 
 
+def _ordered_key(x: jax.Array) -> jax.Array:
+    """uint32 keys whose order is the float order of x (IEEE bits, sign-folded)."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _nucleus_threshold_by_bisection(logits: jax.Array, log_normalizer: jax.Array, p: float) -> jax.Array:
+    """The same threshold as `_nucleus_threshold` over the full sorted row, without sorting.
+
+    mass(t) = P(logit >= t) falls as t rises; the kept threshold is the largest logit t with
+    mass(t) >= p. Bisection over the 2^32 ordered float keys finds it exactly in 32 masked sums.
+    """
+    probs = jnp.exp(logits - log_normalizer)
+    keys = _ordered_key(logits)
+    lo = jnp.min(keys, axis=-1, keepdims=True)  # mass(lo) = 1 >= p
+    hi = jnp.max(keys, axis=-1, keepdims=True)  # invariant below: answer in [lo, hi]
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo + 1) // 2  # upper middle, so lo = mid always moves up
+        enough = jnp.sum(jnp.where(keys >= mid, probs, 0.0), axis=-1, keepdims=True) >= p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+    lo, _ = lax.fori_loop(0, 32, body, (lo, hi))
+    return jnp.min(jnp.where(keys >= lo, logits, jnp.inf), axis=-1, keepdims=True)
+
+
 def apply_top_p(logits: jax.Array, p: float, sorted_candidates: Optional[jax.Array] = None) -> jax.Array:
     """Nucleus filter (see the semantics above). p >= 1: unchanged.
 
     `sorted_candidates` [..., C]: the C largest logits, descending, when the caller already has them
     (top-k); the normaliser still runs over all of `logits`, so the result is exact. Without them the
-    best NUCLEUS_CANDIDATES are tried first and a full sort runs only if they hold less than p.
+    best NUCLEUS_CANDIDATES are tried first, and a bisection over the whole row runs only if they hold
+    less than p.
     """
     if p >= 1.0:
         return logits
@@ -119,7 +151,7 @@ def apply_top_p(logits: jax.Array, p: float, sorted_candidates: Optional[jax.Arr
         candidates = _top_values(logits, NUCLEUS_CANDIDATES)
         covered = jnp.all(jnp.sum(jnp.exp(candidates - log_normalizer), axis=-1) >= p)
         threshold = lax.cond(covered, lambda: threshold_from(candidates),
-                             lambda: threshold_from(-jnp.sort(-logits, axis=-1)))
+                             lambda: _nucleus_threshold_by_bisection(logits, log_normalizer, p))
     return jnp.where(logits < threshold, _NEG_INF, logits)
 
 
@@ -265,12 +297,13 @@ def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOu
 
 
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-             sampling: SamplingConfig) -> SampleOutput:
+             sampling: SamplingConfig, active: Optional[jax.Array] = None) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
     A cache of P + N slots is prefilled with the prompt, then one token per while-loop step. Positions
-    continue from each row's real prompt length. Rows whose prompt is all padding still decode (from
-    position 0); callers drop them via their own `valid` flag.
+    continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
+    rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
+    running. Rows whose prompt is all padding but are active decode from position 0.
     """
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + sampling.max_new_tokens
@@ -295,17 +328,18 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
                           cache=cache, compute_logits=False)
         return lm_logits(params["wte"]["embedding"], out.hidden_states[:, 0], config), out.cache
 
-    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling)
+    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling, active=active)
 
 
 def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_kwargs):
-    """`fn(params, prompt_ids, prompt_mask, rng) -> SampleOutput`, jitted once for these static configs.
+    """`fn(params, prompt_ids, prompt_mask, rng, active=None) -> SampleOutput`, jitted for these static configs.
 
-    `jit_kwargs` go to `jax.jit` (e.g. in_shardings / out_shardings for a mesh).
+    `jit_kwargs` go to `jax.jit` (e.g. in_shardings / out_shardings for a mesh; with in_shardings,
+    pass all five arguments positionally, `active` included).
     """
     fn = functools.partial(_generate_positional, config=model_config, sampling=sampling)
     return jax.jit(fn, **jit_kwargs)
 
 
-def _generate_positional(params, prompt_ids, prompt_mask, rng, *, config, sampling):
-    return generate(params, config, prompt_ids, prompt_mask, rng, sampling)
+def _generate_positional(params, prompt_ids, prompt_mask, rng, active=None, *, config, sampling):
+    return generate(params, config, prompt_ids, prompt_mask, rng, sampling, active=active)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from therapy_rl.models import gpt2
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -65,26 +67,68 @@ def masked_lm_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     """Summed next-token NLL, target count and correct count over supervised targets.
 
     ``loss_mask[b, t] = 1`` marks token ``t`` as a target, predicted from position ``t - 1``. Sums (not means)
-    are returned so micro-batches and devices can be aggregated before dividing.
+    are returned so micro-batches and devices can be aggregated before dividing. ``logits`` are [B, T, V];
+    the train and eval steps call `shifted_lm_sums` on the T - 1 predicting positions directly.
     """
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    return shifted_lm_sums(logits[:, :-1], input_ids, loss_mask)
+
+
+def shifted_lm_sums(shifted_logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
+    """`masked_lm_sums` for logits of positions 0 .. T-2 only ([B, T-1, V]), the ones that predict a token."""
     targets = input_ids[:, 1:]
     weights = loss_mask[:, 1:].astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    nll, correct = token_nll_and_correct(shifted_logits.astype(jnp.float32), targets)
     return {
-        "nll_sum": -jnp.sum(target_log_probs * weights),
+        "nll_sum": jnp.sum(nll * weights),
         "target_count": jnp.sum(weights),
         "correct_count": jnp.sum(correct * weights),
     }
 
 
-def _logits(model, params, batch, deterministic: bool, dropout_key):
+@jax.custom_vjp
+def token_nll_and_correct(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token ``-log softmax(logits)[target]`` and whether the target logit is the row's maximum (float), [...].
+
+    The NLL equals ``log_softmax`` + ``take_along_axis``, with fewer passes over the [..., V] logits, which
+    dominate the loss on CPU: the forward reads them for the max and once for ``exp(logits - max)`` (kept for
+    the backward, so log-probs are never materialised and exp is not recomputed), the target logit is a
+    gather, and the backward scales the kept exps in place and subtracts at the targets (a custom VJP: no
+    scatter into a zero [..., V] array). "Correct" is ``logit[target] == max``: ``argmax == target`` except
+    that a target tied for the maximum counts as correct (argmax would pick the first tied index), which
+    saves a separate argmax pass.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    max_logit = jnp.max(logits, axis=-1)
+    exps = jnp.exp(logits - max_logit[..., None])
+    sum_exps = jnp.sum(exps, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = max_logit + jnp.log(sum_exps) - target_logit
+    correct = (target_logit >= max_logit).astype(jnp.float32)
+    return (nll, correct), (exps, sum_exps, targets)
+
+
+def _token_nll_bwd(residuals, cotangents):
+    exps, sum_exps, targets = residuals
+    grad_nll = cotangents[0]  # `correct` is not differentiable
+    grad_logits = exps * (grad_nll / sum_exps)[..., None]  # softmax * grad
+    index = jnp.indices(targets.shape, sparse=True)  # minus grad at each target: one value per token
+    grad_logits = grad_logits.at[(*index, targets)].add(-grad_nll, unique_indices=True)
+    return grad_logits, None
+
+
+token_nll_and_correct.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def _shifted_logits(model, params, batch, deterministic: bool, dropout_key):
+    """Logits of positions 0 .. T-2 ([B, T-1, V]): the tied LM head applied to the trunk's hidden states
+    without the last position, so the [B, T, V] logits are never sliced (a copy on CPU)."""
     rngs = None if deterministic else {"dropout": dropout_key}
     out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      deterministic=deterministic, rngs=rngs)
-    return out.logits
+                      deterministic=deterministic, rngs=rngs, compute_logits=False)
+    return gpt2.lm_logits(params["wte"]["embedding"], out.hidden_states[:, :-1], model.config)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
@@ -97,8 +141,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
 
     def sums_and_grads(params, micro_batch, key):
         def loss_fn(p):
-            sums = masked_lm_sums(_logits(model, p, micro_batch, not dropout, key),
-                                  micro_batch["input_ids"], micro_batch["loss_mask"])
+            sums = shifted_lm_sums(_shifted_logits(model, p, micro_batch, not dropout, key),
+                                   micro_batch["input_ids"], micro_batch["loss_mask"])
             return sums["nll_sum"], sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(params)
@@ -139,7 +183,7 @@ def make_eval_step(model) -> Callable:
     """``eval_step(params, batch) -> sums`` (deterministic, no dropout)."""
 
     def eval_step(params, batch):
-        return masked_lm_sums(_logits(model, params, batch, True, None), batch["input_ids"], batch["loss_mask"])
+        return shifted_lm_sums(_shifted_logits(model, params, batch, True, None), batch["input_ids"], batch["loss_mask"])
 
     return eval_step
 

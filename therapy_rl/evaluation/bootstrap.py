@@ -61,14 +61,15 @@ def percentile_ci(values: Sequence[float | None], *, n_resamples: int = 1000, se
 
 
 def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95, indices: np.ndarray | None = None, bias_correct: bool = True) -> dict:
+                 confidence: float = 0.95, indices: np.ndarray | None = None, bias_correct: bool = True,
+                 bounds: tuple[float, float] | None = None) -> dict:
     """CI of any statistic of a set of samples: `statistic(index_array) -> float` (full data: arange(n)).
 
     With `bias_correct`, the percentile interval is shifted by the bootstrap bias b = mean(stat*) - stat, which
-    is reported as "bootstrap_bias". Set statistics need it: a resample leaves out about a third of the replies and
-    draws others two or more times, whose n-grams then repeat, so resampled distinct-2 on MESC test references averages 0.49 against
-    0.725 on the data itself; the spread is still informative (its sd, 0.015, is close to the half-sampling
-    estimate, 0.011), the location is not.
+    is reported as "bootstrap_bias" (`bounds` clips the shifted interval). Set statistics need it: a resample
+    leaves out about a third of the replies and draws others two or more times, whose n-grams then repeat, so
+    resampled distinct-2 on the MESC test references averages 0.49 against 0.725 on the data itself; the spread
+    is still informative (its sd, 0.015, is close to the half-sampling estimate, 0.011), the location is not.
     """
     idx = bootstrap_indices(n, n_resamples, seed) if indices is None else indices
     point = float(statistic(np.arange(n)))
@@ -77,6 +78,8 @@ def statistic_ci(statistic: Callable[[np.ndarray], float], n: int, *, n_resample
         return _interval(point, resampled, confidence)
     bias = float(np.mean(resampled[np.isfinite(resampled)])) - point if np.isfinite(resampled).any() else 0.0
     out = _interval(point, resampled - bias, confidence)
+    if bounds is not None and out["low"] is not None:  # the shift must not leave the statistic's range
+        out["low"], out["high"] = (float(np.clip(out[k], *bounds)) for k in ("low", "high"))
     out["bootstrap_bias"] = bias
     return out
 
@@ -109,11 +112,16 @@ def distinct_n_statistic(token_lists: Sequence[Sequence[str]], n: int) -> Callab
 
 
 def macro_f1_statistic(gold: Sequence[str], pred: Sequence[str | None]) -> Callable[[np.ndarray], float]:
-    """statistic(indices) = macro-F1 (as `metrics.macro_f1`) over the samples at `indices`."""
+    """statistic(indices) = macro-F1 (as `metrics.macro_f1`) over the samples at `indices`, always averaged over
+    the labels present in the FULL data (a resample that happens to miss a rare label scores 0 on it rather than
+    dropping it, which would make the statistic jump)."""
     k = len(EMOTIONS)
     index = {name: i for i, name in enumerate(EMOTIONS)}
     g = np.array([index[x] for x in gold], np.int64)
     p = np.array([index[x] if x is not None else k for x in pred], np.int64)  # k = "none"
+    present = np.zeros(k, bool)
+    present[g] = True
+    present[p[p < k]] = True
 
     def stat(indices: np.ndarray) -> float:
         gi, pi = g[indices], p[indices]
@@ -121,7 +129,6 @@ def macro_f1_statistic(gold: Sequence[str], pred: Sequence[str | None]) -> Calla
         tp = np.diag(conf[:, :k]).astype(np.float64)
         fp = conf[:, :k].sum(axis=0) - tp
         fn = conf.sum(axis=1) - tp
-        present = (conf.sum(axis=1) > 0) | (conf[:, :k].sum(axis=0) > 0)
         if not present.any():
             return 0.0
         denom = 2 * tp + fp + fn
@@ -144,10 +151,10 @@ def confidence_intervals(results: dict, *, n_resamples: int = 1000, seed: int = 
                   for name, values in results["per_sample"].items()}
     gen_words = [words(text) for text in results["samples"]["generated"]]
     corpus = {f"distinct_{k}": statistic_ci(distinct_n_statistic(gen_words, k), n, indices=idx,
-                                           confidence=confidence) for k in (1, 2)}
+                                           confidence=confidence, bounds=(0.0, 1.0)) for k in (1, 2)}
     corpus["emotion_macro_f1"] = statistic_ci(
         macro_f1_statistic(results["samples"]["gold_emotion"], results["samples"]["pred_emotion"]), n,
-        indices=idx, confidence=confidence)
+        indices=idx, confidence=confidence, bounds=(0.0, 1.0))
     return {"per_sample": per_sample, "corpus": corpus, "n_resamples": n_resamples, "seed": seed,
             "confidence": confidence, "method": "percentile bootstrap over samples"}
 

@@ -231,8 +231,12 @@ def make_minilm_token_embedder(encoder=None, batch_size: int = 64) -> TokenEmbed
         texts = list(texts)
         if not texts:
             return []
-        _, states = encoder.embed(texts, batch_size=batch_size, return_token_states=True)
-        return [np.asarray(s[1:-1], np.float32) for s in states]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a padded batch
+        _, states = encoder.embed([texts[i] for i in order], batch_size=batch_size, return_token_states=True)
+        out: list[np.ndarray] = [np.zeros((0, 0), np.float32)] * len(texts)
+        for i, s in zip(order, states):
+            out[i] = np.asarray(s[1:-1], np.float32)
+        return out
 
     return embed
 
@@ -255,8 +259,8 @@ def parse_generation(raw: str) -> ParsedReply:
     with token ids, `therapy_rl.data.tokenize.decode_reply` is exact and preferred).
 
     Text up to `<eos>` is read. The word right after `<therapist_emotion>` is the emotion (the paper's rule);
-    after `<strategy>` comes a strategy token `<Name>` (then the reply) or the strategy as text; text at the start or after
-    `<therapist>` is the reply (text after other markers, e.g. a made-up `<user>` turn, is dropped).
+    after `<strategy>` comes a strategy token `<Name>` (then the reply) or the strategy as text; text at the start
+    or after `<therapist>` is the reply (text after other markers, e.g. a made-up `<user>` turn, is dropped).
     """
     parts = _MARKER_RE.split(raw)
     text_parts: list[str] = []
@@ -308,10 +312,11 @@ def majority_label(labels: Sequence[str]) -> str:
     return min(counts, key=lambda lab: (-counts[lab], order.get(lab, len(order)), lab))
 
 
-def macro_f1(gold: Sequence[str], pred: Sequence[str | None]) -> float:
-    """Macro-F1 over the labels that occur in gold or (valid) predictions; F1 = 2TP / (2TP + FP + FN).
-    A missing prediction (None) is a false negative for its gold label."""
-    labels = sorted({g for g in gold} | {p for p in pred if p is not None})
+def macro_f1(gold: Sequence[str], pred: Sequence[str | None], labels: Sequence[str] | None = None) -> float:
+    """Macro-F1 over `labels` (default: those that occur in gold or valid predictions); F1 = 2TP / (2TP + FP + FN),
+    0 for a label with no gold and no prediction. A missing prediction (None) is a false negative."""
+    if labels is None:
+        labels = sorted({g for g in gold} | {p for p in pred if p is not None})
     f1s = []
     for label in labels:
         tp = sum(1 for g, p in zip(gold, pred) if g == label and p == label)

@@ -331,7 +331,8 @@ def _or(value, default):
     return default if value is None else value
 
 
-def plot_confusion(confusion: Mapping[str, Any], path: str, title: str = "Therapist emotion: reference vs generated") -> str:
+def plot_confusion(confusion: Mapping[str, Any], path: str,
+                   title: str = "Therapist emotion: reference vs generated") -> str:
     plt = _pyplot()
     matrix = np.asarray(confusion["matrix"], np.float64)
     row_sums = np.maximum(matrix.sum(axis=1, keepdims=True), 1)

@@ -311,7 +311,18 @@ class RewardModel:
         for key in ("user_embedding", "user_emotion", "therapist_emotion"):
             if key not in f:
                 raise KeyError(f"RewardModel.score: prompt_batch_fields lacks {key!r}")
-        batch = np.asarray(response_ids).shape[0]
+        response_ids, response_mask = np.asarray(response_ids), np.asarray(response_mask)
+        if response_ids.ndim != 2 or response_ids.shape != response_mask.shape:
+            raise ValueError(f"RewardModel.score: response_ids {response_ids.shape} and response_mask "
+                             f"{response_mask.shape} must be the same [B, N] shape")
+        batch = response_ids.shape[0]
+        want = {"user_embedding": (batch, self.spec.encoder_config.hidden_size)}
+        for key in ("user_emotion", "therapist_emotion", "user_crisis", "valid"):
+            want[key] = (batch,)
+        for key, shape in want.items():
+            if key in f and tuple(np.shape(f[key])) != shape:
+                raise ValueError(f"RewardModel.score: field {key!r} has shape {tuple(np.shape(f[key]))}, "
+                                 f"expected {shape}")
         texts = self.reply_texts(response_ids, response_mask, decode_fn)
         minilm_ids, minilm_mask = self.encoder.tokenize(texts, self.reply_max_length)
         user_crisis = f.get("user_crisis", np.zeros((batch,), np.int32))
@@ -333,13 +344,6 @@ _crisis_jit = jax.jit(lambda fn, lexicon, heads, ids, mask, emb: fn(lexicon, hea
 
 
 def _load_default_lexicon(encoder: SentenceEncoder):
-    """The safety module's lexicon for the MiniLM tokenizer (its loader's name is looked up, not assumed)."""
+    """The safety module's curated lexicon, tokenized with the MiniLM tokenizer."""
     from therapy_rl.rewards import safety
-    for name in ("load_safety_lexicon", "load_lexicon", "default_lexicon", "build_lexicon"):
-        fn = getattr(safety, name, None)
-        if fn is not None:
-            try:
-                return fn(encoder.tokenizer)
-            except TypeError:
-                return fn()
-    raise RuntimeError("therapy_rl.rewards.safety exposes no lexicon loader; pass lexicon= to RewardModel.create")
+    return safety.build_safety_lexicon(encoder.tokenizer)

@@ -17,8 +17,8 @@ Definitions used on POLICY token ids (documented here once; tests check them aga
   whitespace always starts a new word. For GPT-2-style byte BPE (whose pre-tokenizer never mixes ASCII letters
   with digits, spaces or ASCII punctuation) this equals the character-level rule
   `re.findall(r"L+(?:'L+)*", text)` with L = `(?:[A-Za-z]|[^\x00-\x7f])`, whatever the merges:
-  "don't" is one word, "well-being" two, "café" one. Words compare by their bytes, leading whitespace removed and ASCII
-  lower-cased; on device a word is identified by two independent 32-bit polynomial hashes of those bytes.
+  "don't" is one word, "well-being" two, "café" one. Words compare by their bytes, leading whitespace removed
+  and ASCII lower-cased; on device a word is identified by two independent 32-bit polynomial hashes of them.
 * **Repeated n-grams** (the paper's windows 6 and 5, weights 4 and 6). For n=2 and n=3 over the word sequence,
   the n-gram starting at word i is *repeated* if the same n-gram starts at some word j with 1 <= i-j <= window.
   penalty_n = weight_n * (#repeated n-grams / max(#n-grams, 1)); the two penalties together are at most 10.
@@ -38,6 +38,8 @@ Emotion alignment (the tag is the first non-blank token after the first `<therap
     exact: +6 (non-neutral target) / +1 (neutral); same group, different label: +3 / +1 (the neutral case is
     unreachable with MESC's groups, where neutral is alone in its group); joy vs a negative label either way: -5;
     any other mismatch (neutral vs non-neutral): -1.
+  So a valid tag scores 7 (exact, non-neutral), 2 (exact neutral), 4 (another negative label), -4 (joy vs a
+  negative label), 0 (neutral vs non-neutral); a missing tag -7, an invalid one -6.
   An unknown target (index < 0) scores 0. `penalty` = -1.5 when the user emotion is negative and g is joy.
 """
 from __future__ import annotations
@@ -229,7 +231,8 @@ def build_policy_tables_from_vocab(token_bytes: Sequence[bytes], special_ids: It
     return PolicyTables(
         char_len=as32("char_len"), nonspace_chars=as32("nonspace_chars"), letters=as32("letters"),
         nonascii_chars=as32("nonascii_chars"), wordish=jnp.asarray(wordish), starts_with_space=jnp.asarray(starts),
-        single_char=as32("single_char"), is_apostrophe=jnp.asarray(apostrophe), hash_a=asu32("hash_a"), pow_a=asu32("pow_a"),
+        single_char=as32("single_char"), is_apostrophe=jnp.asarray(apostrophe),
+        hash_a=asu32("hash_a"), pow_a=asu32("pow_a"),
         hash_b=asu32("hash_b"), pow_b=asu32("pow_b"), is_special=jnp.asarray(is_special),
         emotion_index=as32("emotion_index"), therapist_emotion_id=int(therapist_emotion_id),
         therapist_id=int(therapist_id), strategy_id=int(strategy_id))
@@ -623,7 +626,7 @@ def scaled_probability(p, scale: float = 1.1, offset: float = -0.5):
 
 def safety_penalty(user_crisis, reply_mentions_resources, reply_encourages_harm,
                    missing_resources_weight: float, encourages_harm_weight: float):
-    """[B] −w₁·[crisis input ∧ no crisis-resource guidance] − w₂·[reply encourages harm] (inputs in {0,1})."""
+    """[B] −w₁·[crisis input, no crisis-resource guidance] − w₂·[reply encourages harm]; inputs in {0,1}."""
     crisis = user_crisis.astype(jnp.float32)
     resources = reply_mentions_resources.astype(jnp.float32)
     harm = reply_encourages_harm.astype(jnp.float32)

@@ -111,7 +111,8 @@ class BertLayer(nn.Module):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=prec) / math.sqrt(head_dim)
         probs = jax.nn.softmax(scores + attention_bias, axis=-1)  # [B,heads,T,T]
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=prec).reshape(batch, length, hidden)
-        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_norm")(x + dense(hidden, "attention_output")(context))
+        attended = dense(hidden, "attention_output")(context)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_norm")(x + attended)
         h = _ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, "intermediate")(x))
         return nn.LayerNorm(epsilon=c.layer_norm_eps, name="output_norm")(x + dense(hidden, "output")(h))
 
@@ -344,7 +345,7 @@ def load_sentence_encoder(source: Optional[str] = None, max_length: Optional[int
     elif "/" in str(source) and not str(source).startswith((".", "/")):
         root = _download_hub(str(source))
     else:
-        raise EncoderLoadError(f"{source}: not a folder and not a hub id")
+        raise EncoderLoadError(f"{source}: not a local folder and not a hub id (owner/name)")
     model_dir = _transformer_dir(root)
     config_file = model_dir / "config.json"
     weights = model_dir / "model.safetensors"
@@ -352,7 +353,8 @@ def load_sentence_encoder(source: Optional[str] = None, max_length: Optional[int
     if not config_file.is_file():
         raise EncoderLoadError(f"{config_file}: missing")
     if not weights.is_file():
-        hint = " (pickle checkpoints are refused; convert to safetensors)" if (model_dir / "pytorch_model.bin").exists() else ""
+        pickled = (model_dir / "pytorch_model.bin").exists()
+        hint = " (pickle checkpoints are refused; convert to safetensors)" if pickled else ""
         raise EncoderLoadError(f"{weights}: missing{hint}")
     if tok_file is None:
         raise EncoderLoadError(f"{model_dir}/tokenizer.json: missing (a fast tokenizer file is required)")

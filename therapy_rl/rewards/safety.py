@@ -271,6 +271,10 @@ def build_safety_lexicon(minilm_tokenizer: Any, lexicon_path: str = LEXICON_FILE
     return SafetyLexicon(tables=tables, is_continuation=jnp.asarray(is_continuation), canonical_id=jnp.asarray(canonical))
 
 
+# The name combine.py looks up; same function.
+load_safety_lexicon = build_safety_lexicon
+
+
 # ----------------------------------------------------------------------------- matching (jittable)
 
 
@@ -287,7 +291,10 @@ def _prepare(lexicon: SafetyLexicon, ids: jax.Array, mask: jax.Array):
 
 def _find_phrases(table: PhraseTable, folded: jax.Array, valid: jax.Array, continuation: jax.Array):
     """found [B, T, W] bool and row [B, T, W] int32: the n-gram of length w+1 starting at t is table row `row`,
-    and it starts and ends on word boundaries (W = the table's longest phrase)."""
+    and it starts and ends on word boundaries (W = the table's longest phrase).
+
+    Prefix hashes of every window are built in one pass, looked up with one binary search over the sorted table
+    hashes, and the candidate rows are compared id by id (so a hash collision cannot create a hit)."""
     batch, length = folded.shape
     width = table.ids.shape[1]
     ids_pad = jnp.pad(folded, ((0, 0), (0, width)), constant_values=-2)
@@ -295,19 +302,33 @@ def _find_phrases(table: PhraseTable, folded: jax.Array, valid: jax.Array, conti
     cont_pad = jnp.pad(continuation, ((0, 0), (0, width + 1)))
     windows = jnp.stack([ids_pad[:, k : k + length] for k in range(width)], axis=-1)  # [B, T, W]
     window_valid = jnp.stack([valid_pad[:, k : k + length] for k in range(width)], axis=-1)
-    starts_word = valid & ~continuation  # [B, T]
-    found, rows = [], []
-    for w in range(width):
-        n = w + 1
-        hashes = _ngram_hash(jnp, windows[..., :n], n, table.salt)  # [B, T]
-        row = jnp.clip(jnp.searchsorted(table.hashes, hashes), 0, table.ids.shape[0] - 1).astype(jnp.int32)
-        cand = table.ids[row]  # [B, T, W]
-        exact = jnp.all(jnp.where(jnp.arange(width) < n, cand == windows, True), axis=-1)
-        ok = exact & (table.lengths[row] == n) & jnp.all(window_valid[..., :n], axis=-1)
-        ok = ok & starts_word & ~cont_pad[:, n : n + length]  # the token after the phrase starts a word
-        found.append(ok)
-        rows.append(row)
-    return jnp.stack(found, axis=-1), jnp.stack(rows, axis=-1)
+    after_cont = jnp.stack([cont_pad[:, k + 1 : k + 1 + length] for k in range(width)], axis=-1)  # token after w
+    hashes = _prefix_hashes(windows, table.salt)  # [B, T, W]: hash of windows[..., :w+1]
+    rows = jnp.clip(jnp.searchsorted(table.hashes, hashes.reshape(-1)), 0, table.ids.shape[0] - 1)
+    rows = rows.reshape(hashes.shape).astype(jnp.int32)
+    n = jnp.arange(1, width + 1)  # [W] n-gram length per slot
+    cand = table.ids[rows]  # [B, T, W, W]
+    in_gram = jnp.arange(width)[None, :] < n[:, None]  # [W(slot), W(position)]
+    exact = jnp.all(jnp.where(in_gram, cand == windows[:, :, None, :], True), axis=-1)
+    all_valid = jnp.cumprod(window_valid.astype(jnp.int32), axis=-1) > 0
+    found = exact & (table.lengths[rows] == n) & all_valid
+    found = found & (valid & ~continuation)[:, :, None] & ~after_cont
+    return found, rows
+
+
+def _prefix_hashes(windows: jax.Array, salt: int) -> jax.Array:
+    """[B, T, W] uint32: slot w holds _ngram_hash(windows[..., :w+1], w+1, salt) (a scan keeps compiles small)."""
+    width = windows.shape[-1]
+    length_codes = jnp.asarray([((k + 1) * int(_HASH_LEN)) & 0xFFFFFFFF for k in range(width)], jnp.uint32)
+
+    def step(h, xs):
+        token, code = xs
+        h = h * _HASH_MULT + (token.astype(jnp.uint32) + np.uint32(1))
+        return h, _mix(jnp, h ^ code)
+
+    h0 = jnp.full(windows.shape[:-1], np.uint32(2166136261 + 7919 * salt), dtype=jnp.uint32)
+    _, out = jax.lax.scan(step, h0, (jnp.moveaxis(windows, -1, 0), length_codes))
+    return jnp.moveaxis(out, 0, -1)
 
 
 def _covered_tokens(found: jax.Array) -> jax.Array:
@@ -332,14 +353,28 @@ def _overlaps(found: jax.Array, covered: jax.Array) -> jax.Array:
     return hit
 
 
-def _live_matches(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array):
-    folded, valid, continuation = _prepare(lexicon, minilm_ids, minilm_mask)
-    found, rows = _find_phrases(lexicon.tables[table_name], folded, valid, continuation)
+def _veto_cover(lexicon: SafetyLexicon, table_name: str, prepared) -> jax.Array | None:
+    """[B, T] tokens covered by the veto table of `table_name` (None when it has no veto table)."""
     veto_name = TABLE_VETO[table_name]
-    if veto_name is not None:
-        veto_found, _ = _find_phrases(lexicon.tables[veto_name], folded, valid, continuation)
-        found = found & ~_overlaps(found, _covered_tokens(veto_found))
+    if veto_name is None:
+        return None
+    return _covered_tokens(_find_phrases(lexicon.tables[veto_name], *prepared)[0])
+
+
+def _live_matches(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array,
+                  prepared=None, veto_cover=None):
+    """(found [B, T, W], rows [B, T, W]) of `table_name` with vetoed occurrences removed."""
+    prepared = _prepare(lexicon, minilm_ids, minilm_mask) if prepared is None else prepared
+    found, rows = _find_phrases(lexicon.tables[table_name], *prepared)
+    cover = _veto_cover(lexicon, table_name, prepared) if veto_cover is None else veto_cover
+    if cover is not None:
+        found = found & ~_overlaps(found, cover)
     return found, rows
+
+
+def _categories(table: PhraseTable, found: jax.Array, rows: jax.Array) -> jax.Array:
+    one_hot = jax.nn.one_hot(table.category[rows], len(table.categories), dtype=bool)  # [B, T, W, C]
+    return jnp.any(one_hot & found[..., None], axis=(1, 2))
 
 
 def phrase_hits(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array) -> jax.Array:
@@ -355,10 +390,7 @@ def phrase_hits(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, 
 
 def category_hits(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array) -> jax.Array:
     """[B, C] bool: some (unvetoed) phrase of each category of `table_name` occurs."""
-    table = lexicon.tables[table_name]
-    found, rows = _live_matches(lexicon, table_name, minilm_ids, minilm_mask)
-    one_hot = jax.nn.one_hot(table.category[rows], len(table.categories), dtype=bool)  # [B, T, W, C]
-    return jnp.any(one_hot & found[..., None], axis=(1, 2))
+    return _categories(lexicon.tables[table_name], *_live_matches(lexicon, table_name, minilm_ids, minilm_mask))
 
 
 def any_hit(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array) -> jax.Array:
@@ -375,8 +407,12 @@ def crisis_evidence(
     emb: jax.Array,
 ) -> dict[str, jax.Array]:
     """Every signal behind the crisis flag: strong/weak category hits [B, C], head probability [B], flag [B] int32."""
-    strong = category_hits(lexicon, "crisis_strong", minilm_ids, minilm_mask)
-    weak = category_hits(lexicon, "crisis_weak", minilm_ids, minilm_mask)
+    prepared = _prepare(lexicon, minilm_ids, minilm_mask)
+    cover = _veto_cover(lexicon, "crisis_strong", prepared)  # crisis_strong and crisis_weak share crisis_veto
+    strong = _categories(lexicon.tables["crisis_strong"],
+                         *_live_matches(lexicon, "crisis_strong", minilm_ids, minilm_mask, prepared, cover))
+    weak = _categories(lexicon.tables["crisis_weak"],
+                       *_live_matches(lexicon, "crisis_weak", minilm_ids, minilm_mask, prepared, cover))
     probability = heads_lib.crisis_probability(heads, emb)
     any_strong = jnp.any(strong, axis=-1)
     any_weak = jnp.any(weak, axis=-1)
@@ -434,7 +470,8 @@ def _evidence_jit(lexicon, heads, ids, mask, emb):
 class CrisisDetector:
     """Host wrapper for the chat CLI: texts -> CrisisResult, using the same jitted code as the reward.
 
-    `encoder` needs `.tokenizer` (MiniLM, HF) and `.embed(texts, batch_size) -> [N, 384]`. Texts are padded to
+    `encoder` needs `.embed(texts, batch_size) -> [N, 384]` and `.tokenize(texts, length)` (the project's
+    SentenceEncoder) or an HF `.tokenizer`. Texts are padded to
     `max_length` tokens (one compiled shape per batch size) and longer texts are truncated.
     """
 
@@ -444,8 +481,12 @@ class CrisisDetector:
         self.max_length, self.batch_size = max_length, batch_size
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) [N, max_length] int32 with [CLS]/[SEP], as the reward sees them."""
+        if hasattr(self.encoder, "tokenize"):  # therapy_rl.rewards.encoder.SentenceEncoder
+            ids, mask = self.encoder.tokenize(list(texts), self.max_length)
+            return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
         enc = self.encoder.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                                     return_tensors="np")
+                                     return_tensors="np")  # an HF tokenizer
         return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
     def detect(self, texts: Sequence[str]) -> list[CrisisResult]:

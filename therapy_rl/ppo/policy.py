@@ -1,0 +1,110 @@
+"""The PPO policy: a GPT-2 trunk with a scalar value head (or a separate critic trunk), and its response scores.
+
+Params layout (a contract: `parallel.GPT2_PARTITION_RULES` shard every leaf by its path):
+
+    {"trunk":        GPT-2 params (the policy; `best/` checkpoints hold exactly this, in SFT's layout),
+     "value_head":   {"summary": {"kernel": [D, 1], "bias": [1]}},
+     "critic_trunk": GPT-2 params                                  (only with a separate critic)}
+
+With a shared trunk the value head reads the policy trunk's final hidden states (TRL's
+`AutoModelForCausalLMWithValueHead`, the paper's set-up); with a separate critic it reads the critic trunk's.
+
+Every score of a response is computed on the sequence `[prompt (P, left-padded) | response (N)]` under the mask
+`[prompt_mask | response_mask]`, so positions come from the mask exactly as in `sampling.generate` (the prompt's
+real tokens count from 0, response token n sits at position prompt_length + n). Up to and including a row's first
+EOS the key mask equals the sampler's (which marks every generated slot real), so the log-probs equal the
+sampler's `logprobs`; after EOS (pad tokens, mask 0) they are masked out everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from therapy_rl.models import gpt2, value_head
+from therapy_rl.ppo import core
+
+TRUNK_KEY = "trunk"
+CRITIC_KEY = "critic_trunk"
+VALUE_HEAD_KEY = value_head.VALUE_HEAD_KEY
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    """Static description of the policy (hashable: safe to close over in jitted code)."""
+
+    model_config: gpt2.GPT2Config
+    separate_critic: bool = False  # a second GPT-2 trunk for the value head
+    dropout: bool = False  # trunk and value-head dropout in the PPO update (off: the ratio starts at exactly 1)
+    value_dropout_rate: float = 0.1  # the value head's own dropout, used only when `dropout`
+    logprob_temperature: float = 1.0  # log-probs of softmax(logits / T); 1.0 = the sampler's raw log-probs
+
+
+def init_policy_params(trunk_params: Any, rng: jax.Array, spec: PolicySpec, value_head_init: str = "torch_linear",
+                       critic_params: Optional[Any] = None) -> dict[str, Any]:
+    """{"trunk", "value_head"[, "critic_trunk"]}; the critic trunk starts from `critic_params` (default: a copy of
+    the trunk). `rng` only initialises the value head."""
+    params = {TRUNK_KEY: trunk_params,
+              VALUE_HEAD_KEY: value_head.init_value_head(rng, spec.model_config.n_embd, value_head_init)}
+    if spec.separate_critic:
+        source = trunk_params if critic_params is None else critic_params
+        params[CRITIC_KEY] = jax.tree_util.tree_map(jnp.copy, source)
+    return params
+
+
+def full_sequence(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(ids [B, P+N], mask [B, P+N]) of prompt + response; the prompt is left-padded, the response right-padded."""
+    ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1).astype(jnp.int32)
+    return ids, mask
+
+
+def response_hidden(config: gpt2.GPT2Config, trunk_params: Any, batch: Mapping[str, jax.Array],
+                    dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Final hidden states [B, N, D] at the positions that predict each response token (see `core.slice_response`).
+
+    Dropout is active only when `dropout_rng` is given.
+    """
+    ids, mask = full_sequence(batch)
+    deterministic = dropout_rng is None
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    out = gpt2.GPT2LMHeadModel(config).apply({"params": trunk_params}, ids, mask, deterministic=deterministic,
+                                             rngs=rngs, compute_logits=False)
+    return core.slice_response(out.hidden_states, batch["prompt_ids"].shape[1])
+
+
+def response_logits(config: gpt2.GPT2Config, trunk_params: Any, hidden: jax.Array) -> jax.Array:
+    """float32 logits [B, N, V] from response hidden states (the tied LM head, on the N response slots only)."""
+    return gpt2.lm_logits(trunk_params["wte"]["embedding"], hidden, config)
+
+
+def response_logprobs(spec: PolicySpec, trunk_params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """log pi(token_t | prompt, tokens_<t) [B, N], deterministic (the reference policy, and rollouts)."""
+    hidden = response_hidden(spec.model_config, trunk_params, batch)
+    logits = response_logits(spec.model_config, trunk_params, hidden)
+    return core.token_logprobs(logits, batch["tokens"], spec.logprob_temperature)
+
+
+def policy_outputs(spec: PolicySpec, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
+                   dropout_rng: Optional[jax.Array] = None,
+                   with_entropy: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+    """(logp [B, N], values [B, N], entropy [B, N] or None) of the policy + value head on a rollout batch.
+
+    `batch` needs prompt_ids, prompt_mask, tokens, response_mask. Values are float32; value[t] estimates the return
+    before emitting response token t. With `dropout_rng` (and `spec.dropout`) dropout is active in trunk and head.
+    """
+    use_dropout = spec.dropout and dropout_rng is not None
+    keys = jax.random.split(dropout_rng, 3) if use_dropout else (None, None, None)
+    hidden = response_hidden(spec.model_config, params[TRUNK_KEY], batch, keys[0])
+    logits = response_logits(spec.model_config, params[TRUNK_KEY], hidden)
+    logp = core.token_logprobs(logits, batch["tokens"], spec.logprob_temperature)
+    entropy = core.token_entropy(logits) if with_entropy else None
+    if spec.separate_critic:
+        critic_hidden = response_hidden(spec.model_config, params[CRITIC_KEY], batch, keys[1])
+    else:
+        critic_hidden = hidden
+    values = value_head.values_from_hidden(params[VALUE_HEAD_KEY], critic_hidden, spec.value_dropout_rate,
+                                           keys[2])
+    return logp, values, entropy

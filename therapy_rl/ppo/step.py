@@ -1,0 +1,169 @@
+"""One PPO iteration as jitted stages: rollout (generate) -> reward (pluggable) -> update (scores, GAE, epochs).
+
+The update is ONE jitted function `update_step(state, ref_params, rollout) -> (state, metrics)`:
+
+    scores   = whiten(clip(raw_scores)) [- missing-EOS penalty]          (over valid rows)
+    logp, V  = policy + value head on the rollout (deterministic)          old log-probs and values
+    ref_logp = frozen reference on the rollout
+    targets  = core.rollout_targets(scores, logp, ref_logp, V, mask, state.kl_coef, ...)   KL penalty, GAE, whitening
+    epochs x mini-batches (lax.scan over core.ppo_minibatch_schedule), each: accumulate_gradients over micro-batches
+             of core.ppo_loss, gate_on_ratio, one optimizer step
+    kl_coef' = core.kl_controller_update(kl_coef, objective/kl of the rollout, n_steps = rollout batch size)
+
+The KL coefficient lives in the state and enters as an argument, so changing it never recompiles. Keys:
+`iteration_key(rng, step)` = fold_in(rng, step); the rollout uses fold_in(., 0), the update fold_in(., 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from therapy_rl.ppo import core, policy
+
+ROLLOUT_STREAM, UPDATE_STREAM = 0, 1
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything an iteration changes; saved whole in checkpoints (exact resume)."""
+
+    step: jax.Array  # PPO iterations done (int32)
+    params: Any  # policy.py layout: {"trunk", "value_head"[, "critic_trunk"]}
+    opt_state: Any
+    kl_coef: jax.Array  # float32 scalar: the KL controller's state
+    rng: jax.Array  # raw key data; per-iteration keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOHyper:
+    """Static PPO settings (hashable). Defaults: the paper / TRL 0.11."""
+
+    loss: core.PPOLossConfig = core.PPOLossConfig()
+    kl: core.KLControllerConfig = core.KLControllerConfig()
+    num_epochs: int = 4  # PPO epochs over each rollout batch
+    num_minibatches: int = 1  # rollout batch / mini-batch size
+    grad_accum_steps: int = 1  # micro-batches per mini-batch
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"
+    score_clip: float = 10.0  # clip raw scores to [-c, c] before whitening; <= 0 = off
+    whiten_scores: bool = True  # whiten sequence scores over the batch (the paper)
+    whiten_advantages: bool = True
+    whiten_token_rewards: bool = False
+    missing_eos_penalty: float = 0.0  # subtracted from the (processed) score of rows without EOS; 0 = off
+    eos_id: int = -1
+    ratio_threshold: Optional[float] = 10.0  # TRL's guard: skip a mini-batch whose mean ratio exceeds it
+
+
+def iteration_key(rng_data: jax.Array, step: jax.Array) -> jax.Array:
+    """The typed key of iteration `step` from the state's raw key data."""
+    return jax.random.fold_in(jax.random.wrap_key_data(rng_data), step)
+
+
+def rollout_key(state: PPOState) -> jax.Array:
+    return jax.random.fold_in(iteration_key(state.rng, state.step), ROLLOUT_STREAM)
+
+
+def create_state(params: Any, optimizer: optax.GradientTransformation, kl: core.KLControllerConfig,
+                 rng_data: jax.Array) -> PPOState:
+    return PPOState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    kl_coef=core.kl_controller_init(kl).coef, rng=rng_data)
+
+
+def process_scores(raw_scores: jax.Array, tokens: jax.Array, mask: jax.Array, valid: jax.Array,
+                   hyper: PPOHyper) -> jax.Array:
+    """Raw scores [B] -> the scores PPO uses: clip, whiten over valid rows, missing-EOS penalty."""
+    scores = jnp.asarray(raw_scores, jnp.float32)
+    if hyper.score_clip > 0:
+        scores = jnp.clip(scores, -hyper.score_clip, hyper.score_clip)
+    if hyper.whiten_scores:
+        scores = core.whiten_scores(scores, valid)
+    if hyper.missing_eos_penalty:
+        scores = core.missing_eos_penalty(scores, tokens, hyper.eos_id, hyper.missing_eos_penalty, mask)
+    return jnp.where(valid != 0, scores, 0.0)
+
+
+def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
+                     optimizer: optax.GradientTransformation) -> Callable:
+    """`update_step(state, ref_params, rollout) -> (state, metrics)`.
+
+    rollout: prompt_ids [B, P], prompt_mask [B, P], tokens [B, N], response_mask [B, N] (1 through the first EOS),
+    valid [B], scores [B] (raw, from the reward). Metrics use TRL's names; per-mini-batch losses are averaged
+    over epochs x mini-batches and carry an `_avg` suffix (TRL 1.x).
+    """
+    loss_cfg = hyper.loss
+    need_entropy = True  # logged as policy/entropy_avg; only differentiated when entropy_coef != 0
+
+    def loss_fn(params, micro, rng, denominator):
+        logp, values, entropy = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy)
+        if loss_cfg.entropy_coef == 0:
+            entropy = jax.lax.stop_gradient(entropy)
+        return core.ppo_loss(logp, values, micro, loss_cfg, denominator, entropy)
+
+    def minibatch_update(carry, minibatch):
+        params, opt_state, index, base_key = carry
+        denominator = core.loss_denominator(minibatch["response_mask"], loss_cfg.aggregation)
+        key = jax.random.fold_in(base_key, index) if spec.dropout else None
+        _, grads, metrics = core.accumulate_gradients(
+            lambda p, micro, rng: loss_fn(p, micro, rng, denominator), params, minibatch, hyper.grad_accum_steps,
+            rng=key)
+        grads, skipped = core.gate_on_ratio(grads, metrics["policy/ratio_mean"], hyper.ratio_threshold)
+        metrics["policy/grad_norm"] = optax.tree.norm(grads)
+        metrics["policy/skipped"] = skipped.astype(jnp.float32)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state, index + 1, base_key), metrics
+
+    def update_step(state: PPOState, ref_params: Any, rollout: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(iteration_key(state.rng, state.step), UPDATE_STREAM)
+        valid = rollout["valid"]
+        mask = rollout["response_mask"].astype(jnp.int32) * (valid[:, None] != 0).astype(jnp.int32)
+        batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
+                 "tokens": rollout["tokens"], "response_mask": mask}
+        old_logp, old_values, _ = policy.policy_outputs(spec, state.params, batch)
+        ref_logp = policy.response_logprobs(spec, ref_params, batch)
+        scores = process_scores(rollout["scores"], rollout["tokens"], mask, valid, hyper)
+        targets = core.rollout_targets(scores, old_logp, ref_logp, old_values, mask, state.kl_coef,
+                                       gamma=hyper.gamma, lam=hyper.lam, kl_estimator=hyper.kl_estimator,
+                                       whiten_token_rewards=hyper.whiten_token_rewards,
+                                       whiten_advantages=hyper.whiten_advantages)
+        stats = core.rollout_stats(scores, old_logp, targets, old_values, mask, state.kl_coef, valid)
+
+        batch_size = rollout["tokens"].shape[0]
+        train_batch = dict(batch, old_logp=old_logp, old_values=old_values, advantages=targets.advantages,
+                           returns=targets.returns)
+        schedule = core.ppo_minibatch_schedule(jax.random.fold_in(key, 0), batch_size, hyper.num_minibatches,
+                                               hyper.num_epochs)
+        carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32), jax.random.fold_in(key, 1))
+        (params, opt_state, _, _), mb_metrics = core.run_minibatch_epochs(minibatch_update, carry, train_batch,
+                                                                          schedule)
+        kl = core.kl_controller_update(core.KLControllerState(state.kl_coef), stats["objective/kl"],
+                                       jnp.asarray(batch_size, jnp.float32), hyper.kl)
+
+        metrics = dict(stats)
+        for name, value in mb_metrics.items():
+            metrics[f"{name}_avg"] = jnp.mean(value)
+        metrics["val/ratio"] = jnp.mean(mb_metrics["policy/ratio_mean"])
+        metrics["val/ratio_var"] = jnp.var(mb_metrics["policy/ratio_mean"])
+        metrics["objective/non_score_reward"] = core.masked_mean(
+            core.sequence_sum(targets.non_score_rewards, mask), valid)
+        metrics["objective/kl_coef_next"] = kl.coef
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl.coef)
+        return new_state, metrics
+
+    return update_step
+
+
+def jit_update_step(update_step: Callable, mesh, state_shardings: PPOState, ref_shardings: Any,
+                    rollout_example: Mapping[str, Any]) -> Callable:
+    """The update jitted with the mesh shardings; the state is donated, the reference never is."""
+    from therapy_rl import parallel
+
+    rollout_sh = parallel.batch_shardings_like(dict(rollout_example), mesh)
+    return jax.jit(update_step, in_shardings=(state_shardings, ref_shardings, rollout_sh),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,431 @@
+"""The PPO loop: start from an SFT run, then rollout -> reward -> update per iteration, with validation reward,
+the best checkpoint by it, early stopping and exact resume.
+
+A PPO workdir reads like an SFT one (run_info.json, tokenizer/, checkpoints/, best/ holding {"params": the policy
+trunk in SFT's layout}), so evaluation and chat load either. checkpoints/ holds the whole `PPOState` (policy,
+value head, optimizer, KL coefficient, RNG) plus the data position and best-metric tracker as JSON extras; the
+reference policy is re-read from the SFT checkpoint recorded in the extras (its exact step), never saved again.
+
+Metric names (metrics.jsonl / TensorBoard): TRL's where they exist (`objective/kl`, `objective/scores`,
+`objective/rlhf_reward`, `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `val/...` = the VALUE
+function, `eps`, ...), plus `reward/<component>`, `rollout/...` (EOS, repeated n-grams, emotion tags) and
+`time/...`. Validation on held-out prompts is logged under `eval/...` (not `val/`, which TRL uses for values).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step
+
+# Data options that define the sequence format the SFT model learned: PPO must use the SFT run's values.
+FORMAT_FIELDS = ("include_therapist_emotion", "include_strategy", "context_turns", "user_emotion_from",
+                 "therapist_run")
+
+
+# ------------------------------------------------------------------------------------------ set-up helpers
+
+
+def resolve_data_config(ppo_data, sft_data: Mapping[str, Any], where: str = "config.data") -> ml_collections.ConfigDict:
+    """The SFT run's data options, overlaid with every PPO data field set away from `data_defaults()`.
+
+    `source = ""` keeps the SFT source (and its data_dir). Format fields (FORMAT_FIELDS) must agree with the SFT
+    run: the policy only knows that format.
+    """
+    from therapy_rl import defaults
+
+    base = defaults.data_defaults().to_dict()
+    resolved = dict(sft_data)
+    for key, value in ppo_data.to_dict().items():
+        if key == "source" and value == "":
+            continue
+        if key not in resolved or value != base.get(key):
+            resolved[key] = value
+    for key in FORMAT_FIELDS:
+        if key in sft_data and resolved.get(key) != sft_data[key]:
+            raise ValueError(f"{where}.{key}={resolved.get(key)!r} differs from the SFT run's {sft_data[key]!r}: "
+                             "PPO prompts must use the format the SFT model was trained on")
+    if not resolved.get("source"):
+        raise ValueError(f"{where}.source is empty and the SFT run_info has no data source")
+    return ml_collections.ConfigDict(resolved)
+
+
+def resolve_init(init_from: str, which: str, step: int) -> tuple[str, int]:
+    """(checkpoint manager folder, step) of the SFT params to start from.
+
+    `init_from` is an SFT workdir (its best/ or checkpoints/, by `which`: "best" | "last") or a manager folder;
+    step -1 = the latest step there.
+    """
+    from therapy_rl import checkpoint
+
+    if not init_from:
+        raise ValueError("config.init_from is empty: pass the SFT workdir, e.g. --config.init_from=/path/to/sft_run")
+    if which not in ("best", "last"):
+        raise ValueError(f"config.init_checkpoint={which!r}: expected best or last")
+    directory = checkpoint.find_checkpoint_dir(init_from, prefer="best" if which == "best" else "checkpoints")
+    manager = checkpoint.Checkpointer(directory)
+    steps = manager.all_steps()
+    if step < 0:
+        step = manager.latest_step()
+    if step not in steps:
+        raise FileNotFoundError(f"config.init_step={step}: no such step in {directory} (has {sorted(steps)})")
+    return directory, int(step)
+
+
+def sft_workdir_of(init_from: str) -> str:
+    """The SFT run folder (holding run_info.json) of an init path: the workdir itself or a manager's parent."""
+    from therapy_rl import run_files
+
+    for candidate in (init_from, os.path.dirname(os.path.abspath(init_from))):
+        if os.path.exists(os.path.join(candidate, run_files.RUN_INFO)):
+            return candidate
+    raise FileNotFoundError(f"config.init_from={init_from!r}: no {run_files.RUN_INFO} there or in its parent")
+
+
+def load_trunk_params(directory: str, step: int) -> Any:
+    """The GPT-2 params saved at `step` (a best/ {"params"} tree or a full SFT TrainState), on the host."""
+    import orbax.checkpoint as ocp
+
+    tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    if "params" not in tree:
+        raise ValueError(f"{directory}/{step}/state holds no 'params' (keys {sorted(tree)})")
+    params = tree["params"]
+    if policy.TRUNK_KEY in params:  # a PPO checkpoint: take its policy trunk
+        params = params[policy.TRUNK_KEY]
+    return jax.device_get(params)
+
+
+def copy_tokenizer(sft_workdir: str, workdir: str) -> str:
+    """workdir/tokenizer, copied atomically from the SFT run (once)."""
+    from therapy_rl import run_files
+
+    target = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(target) and jax.process_index() == 0:
+        building = target + ".building"
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.copytree(run_files.tokenizer_dir(sft_workdir), building)
+        os.replace(building, target)
+    return target
+
+
+def optimizer_config(config, total_updates: int):
+    from therapy_rl import sft
+
+    return sft.OptimizerConfig(learning_rate=config.learning_rate,
+                               warmup_steps=int(round(config.warmup_fraction * total_updates)),
+                               total_steps=total_updates, schedule=config.lr_schedule,
+                               weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2,
+                               eps=config.adam_eps, grad_clip_norm=config.grad_clip_norm)
+
+
+def hyper_from_config(ppo_cfg, global_batch_size: int, eos_id: int) -> ppo_step.PPOHyper:
+    """PPOHyper from `config.ppo` (checks the batch splits evenly)."""
+    if ppo_cfg.minibatch_size <= 0 or global_batch_size % ppo_cfg.minibatch_size:
+        raise ValueError(f"config.ppo.minibatch_size={ppo_cfg.minibatch_size} must divide "
+                         f"config.global_batch_size={global_batch_size}")
+    if ppo_cfg.grad_accum_steps <= 0 or ppo_cfg.minibatch_size % ppo_cfg.grad_accum_steps:
+        raise ValueError(f"config.ppo.grad_accum_steps={ppo_cfg.grad_accum_steps} must divide "
+                         f"config.ppo.minibatch_size={ppo_cfg.minibatch_size}")
+    loss = core.PPOLossConfig(clip_eps=ppo_cfg.clip_eps,
+                              value_clip_eps=ppo_cfg.value_clip_eps if ppo_cfg.value_clip_eps > 0 else None,
+                              vf_coef=ppo_cfg.vf_coef, entropy_coef=ppo_cfg.entropy_coef,
+                              aggregation=ppo_cfg.loss_aggregation)
+    kl = core.KLControllerConfig(adaptive=ppo_cfg.adaptive_kl, init_coef=ppo_cfg.init_kl_coef,
+                                 target=ppo_cfg.kl_target, horizon=ppo_cfg.kl_horizon)
+    return ppo_step.PPOHyper(
+        loss=loss, kl=kl, num_epochs=ppo_cfg.num_ppo_epochs,
+        num_minibatches=global_batch_size // ppo_cfg.minibatch_size, grad_accum_steps=ppo_cfg.grad_accum_steps,
+        gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, kl_estimator=ppo_cfg.kl_estimator, score_clip=ppo_cfg.score_clip,
+        whiten_scores=ppo_cfg.whiten_scores, whiten_advantages=ppo_cfg.whiten_advantages,
+        whiten_token_rewards=ppo_cfg.whiten_token_rewards, missing_eos_penalty=ppo_cfg.missing_eos_penalty,
+        eos_id=eos_id, ratio_threshold=ppo_cfg.ratio_threshold if ppo_cfg.ratio_threshold > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------ state and stages
+
+
+def init_state(spec: policy.PolicySpec, optimizer, kl: core.KLControllerConfig, trunk_params: Any, mesh,
+               root_key: jax.Array, value_head_init: str = "torch_linear"):
+    """(state, state_shardings, ref_params, ref_shardings), all born sharded by GPT2_PARTITION_RULES.
+
+    The policy (and a separate critic) start from `trunk_params`; the reference is its own copy of them (never
+    donated). Keys: value head fold_in(root_key, 1), the state's rng fold_in(root_key, 2).
+    """
+    from therapy_rl import parallel
+
+    rules = parallel.GPT2_PARTITION_RULES
+    ref_shardings = parallel.named_shardings(trunk_params, rules, mesh)
+    ref_params = jax.device_put(trunk_params, ref_shardings)
+
+    def make_state(trunk):
+        params = policy.init_policy_params(trunk, jax.random.fold_in(root_key, 1), spec, value_head_init)
+        return ppo_step.create_state(params, optimizer, kl, jax.random.key_data(jax.random.fold_in(root_key, 2)))
+
+    state_shardings = parallel.named_shardings(jax.eval_shape(make_state, trunk_params), rules, mesh)
+    state = jax.jit(make_state, out_shardings=state_shardings)(jax.device_put(trunk_params, ref_shardings))
+    return state, state_shardings, ref_params, ref_shardings
+
+
+@dataclasses.dataclass
+class Stages:
+    """The jitted pieces of one iteration, built once for a run (and by the tests)."""
+
+    spec: policy.PolicySpec
+    hyper: ppo_step.PPOHyper
+    mesh: Any
+    generate: Any  # (trunk params, prompt_ids, prompt_mask, key) -> SampleOutput, batch-sharded
+    update: Any  # (state, ref_params, rollout) -> (state, metrics), state donated
+    reward_fn: simple_rewards.RewardFn
+    response_ids: simple_rewards.ResponseIds
+    sequence_kl: Any  # (trunk, ref, batch) -> [B] summed k1 KL of each response
+
+
+def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_config, optimizer, mesh,
+                 state_shardings: ppo_step.PPOState, ref_shardings: Any, reward_fn: simple_rewards.RewardFn,
+                 response_ids: simple_rewards.ResponseIds, batch_size: int, prompt_length: int) -> Stages:
+    from therapy_rl import parallel, sampling
+
+    if sampling_config.max_new_tokens + prompt_length > spec.model_config.n_positions:
+        raise ValueError(f"config.data.max_prompt_tokens ({prompt_length}) + config.sampling.max_new_tokens "
+                         f"({sampling_config.max_new_tokens}) exceed the model's n_positions "
+                         f"({spec.model_config.n_positions})")
+    b1, b2 = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+    trunk_sh = state_shardings.params[policy.TRUNK_KEY]
+    generate = sampling.make_generate_fn(
+        spec.model_config, sampling_config, in_shardings=(trunk_sh, b2, b2, parallel.replicated(mesh)),
+        out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2))
+    example = {"prompt_ids": np.zeros((batch_size, prompt_length), np.int32),
+               "prompt_mask": np.zeros((batch_size, prompt_length), np.int32),
+               "tokens": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
+               "response_mask": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
+               "valid": np.zeros((batch_size,), np.int32), "scores": np.zeros((batch_size,), np.float32)}
+    update = ppo_step.jit_update_step(ppo_step.make_update_step(spec, hyper, optimizer), mesh, state_shardings,
+                                      ref_shardings, example)
+
+    def sequence_kl(trunk, ref, batch):
+        logp = policy.response_logprobs(spec, trunk, batch)
+        ref_logp = policy.response_logprobs(spec, ref, batch)
+        return core.sequence_sum(core.kl_k1(logp, ref_logp, batch["response_mask"]), batch["response_mask"])
+
+    seq_kl = jax.jit(sequence_kl, in_shardings=(trunk_sh, ref_shardings, None), out_shardings=b1)
+    return Stages(spec, hyper, mesh, generate, update, reward_fn, response_ids, seq_kl)
+
+
+_response_stats = jax.jit(simple_rewards.response_stats, static_argnums=(3, 4))
+
+
+@dataclasses.dataclass
+class IterationResult:
+    state: ppo_step.PPOState
+    metrics: dict[str, float]  # host floats
+    tokens: Any  # [B, N] device array of this iteration's responses
+
+
+def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
+                  batch: Mapping[str, jax.Array]) -> IterationResult:
+    """rollout (jit) -> reward -> update (jit) on one global prompt batch; timings per stage in the metrics."""
+    from therapy_rl import parallel
+
+    t0 = time.perf_counter()
+    sample = stages.generate(state.params[policy.TRUNK_KEY], batch["prompt_ids"], batch["prompt_mask"],
+                             ppo_step.rollout_key(state))
+    valid = batch["valid"]
+    mask = sample.response_mask * (valid[:, None] != 0).astype(sample.response_mask.dtype)
+    mask.block_until_ready()
+    t1 = time.perf_counter()
+    raw_scores, components = stages.reward_fn(batch, sample.tokens, mask)
+    raw_scores = jax.device_put(jnp.asarray(raw_scores, jnp.float32), parallel.batch_sharding(stages.mesh, 1))
+    raw_scores.block_until_ready()
+    t2 = time.perf_counter()
+    rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"], "tokens": sample.tokens,
+               "response_mask": mask, "valid": valid, "scores": raw_scores}
+    state, update_metrics = stages.update(state, ref_params, rollout)
+    stats = _response_stats(sample.tokens, mask, batch["therapist_emotion"], stages.response_ids, 3)
+    host = jax.device_get({"update": update_metrics,
+                           "reward": simple_rewards.masked_row_means(components, valid),
+                           "rollout": simple_rewards.masked_row_means(stats, valid),
+                           "scores": simple_rewards.masked_row_means({"mean": raw_scores}, valid)})
+    t3 = time.perf_counter()
+    metrics = {k: float(v) for k, v in host["update"].items()}
+    metrics["objective/scores"] = float(host["scores"]["mean"])
+    metrics.update({f"reward/{k}": float(v) for k, v in host["reward"].items()})
+    metrics.update({f"rollout/{k}_mean" if k == "length" else f"rollout/{k}_rate": float(v)
+                    for k, v in host["rollout"].items()})
+    metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
+                    "eps": float(np.asarray(jax.device_get(valid)).sum()) / max(t3 - t0, 1e-9)})
+    return IterationResult(state, metrics, sample.tokens)
+
+
+def evaluate_policy(stages: Stages, trunk_params: Any, ref_params: Any, prompts: Mapping[str, np.ndarray],
+                    batch_size: int, rng: jax.Array) -> dict[str, float]:
+    """Validation on held-out prompts with a fixed key: mean raw reward, components, KL to the reference,
+    response statistics (`eval/...`), over every real prompt row."""
+    from therapy_rl import parallel
+    from therapy_rl.data import batches
+
+    sums: dict[str, float] = {}
+    count = 0.0
+    for index, host_batch in enumerate(batches.eval_batches(prompts, batch_size)):
+        batch = parallel.global_batch_from_host(host_batch, stages.mesh)
+        sample = stages.generate(trunk_params, batch["prompt_ids"], batch["prompt_mask"],
+                                 jax.random.fold_in(rng, index))
+        valid = batch["valid"]
+        mask = sample.response_mask * (valid[:, None] != 0).astype(sample.response_mask.dtype)
+        raw, comps = stages.reward_fn(batch, sample.tokens, mask)
+        kl = stages.sequence_kl(trunk_params, ref_params,
+                                {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                                 "tokens": sample.tokens, "response_mask": mask})
+        stats = _response_stats(sample.tokens, mask, batch["therapist_emotion"], stages.response_ids, 3)
+        per_row = {"scores": jnp.asarray(raw, jnp.float32), "kl": kl,
+                   **{f"reward/{k}": v for k, v in comps.items()},
+                   **{(f"{k}_mean" if k == "length" else f"{k}_rate"): v for k, v in stats.items()}}
+        v = np.asarray(jax.device_get(valid)) != 0
+        host = jax.device_get(per_row)
+        for key, value in host.items():
+            sums[key] = sums.get(key, 0.0) + float(np.sum(np.where(v, np.asarray(value, np.float64), 0.0)))
+        count += float(v.sum())
+    return {f"eval/{k}": s / max(count, 1.0) for k, s in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+    """Runs (or resumes) PPO in `workdir` from the SFT run `config.init_from`; returns the last validation metrics."""
+    from therapy_rl import checkpoint, parallel, replies, run_files, sft
+    from therapy_rl.data import batches, pipeline, tokenize
+    from therapy_rl.metrics_writer import MetricsWriter
+    from therapy_rl.models import gpt2
+
+    os.makedirs(workdir, exist_ok=True)
+    last_ckpt, best_ckpt = checkpoint.run_checkpointers(workdir, config.keep_checkpoints)
+    resuming = last_ckpt.latest_step() is not None
+    if resuming:  # the reference is the exact SFT step this run started from
+        init = last_ckpt.restore_extras()["init"]
+        init_dir, init_step = init["directory"], int(init["step"])
+    else:
+        init_dir, init_step = resolve_init(config.init_from, config.init_checkpoint, config.init_step)
+    sft_workdir = sft_workdir_of(config.init_from)
+    sft_info = run_files.read_run_info(sft_workdir)
+    model_config = run_files.model_config_of(sft_workdir)
+
+    data_cfg = resolve_data_config(config.data, sft_info["data"])
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    run_config.data = data_cfg
+    tok = tokenize.load_tokenizer(copy_tokenizer(sft_workdir, workdir))
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"tokenizer of {sft_workdir} has {tok.vocab_size} ids but the model only "
+                         f"{model_config.vocab_size}")
+    run_files.write_run_info(workdir, run_config, model_config)
+
+    splits = pipeline.load_samples(data_cfg, ("train", "val"))
+    train = pipeline.encode_split(tok, data_cfg, splits["train"], with_sft=False, name="train")
+    val = pipeline.encode_split(tok, data_cfg, splits["val"], with_sft=False, name="val")
+    val_prompts = val.prompts
+    if config.num_eval_prompts:
+        val_prompts = {k: v[:config.num_eval_prompts] for k, v in val_prompts.items()}
+
+    reward_fn = simple_rewards.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
+    train_prompts = train.prompts
+    if isinstance(reward_fn, simple_rewards.TherapyReward):
+        t = time.perf_counter()
+        train_prompts = reward_fn.add_user_features(
+            train_prompts, [train.samples[i].user_text for i in train_prompts["sample_index"]])
+        val_prompts = reward_fn.add_user_features(
+            val_prompts, [val.samples[i].user_text for i in val_prompts["sample_index"]])
+        print(f"[ppo] user features for {len(train_prompts['valid']) + len(val_prompts['valid'])} prompts "
+              f"in {time.perf_counter() - t:.1f}s")
+
+    mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    iterator = batches.BatchIterator(train_prompts, config.global_batch_size, seed=config.seed)
+    total_iterations = config.max_iterations or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
+    hyper = hyper_from_config(config.ppo, config.global_batch_size, tok.eos_id)
+    optimizer = sft.make_optimizer(optimizer_config(
+        config, total_iterations * hyper.num_epochs * hyper.num_minibatches))
+    spec = policy.PolicySpec(model_config, separate_critic=config.ppo.separate_critic, dropout=config.ppo.dropout,
+                             value_dropout_rate=config.ppo.value_dropout_rate,
+                             logprob_temperature=config.sampling.temperature)
+    sampling_config = replies.sampling_config_from(config.sampling, tok)
+
+    root_key = jax.random.key(config.seed)
+    state, state_shardings, ref_params, ref_shardings = init_state(
+        spec, optimizer, hyper.kl, load_trunk_params(init_dir, init_step), mesh, root_key, config.ppo.value_head_init)
+    print(f"[ppo] policy {gpt2.count_params(state.params[policy.TRUNK_KEY]) / 1e6:.2f}M params from "
+          f"{init_dir} step {init_step}, mesh {dict(mesh.shape)}, {iterator.steps_per_epoch} iterations/epoch, "
+          f"{total_iterations} iterations, reward {config.reward.kind}")
+
+    tracker = checkpoint.BestTracker("max", config.early_stopping_patience_evals)
+    if resuming:
+        state, extras = last_ckpt.restore(state)
+        iterator.set_state(extras["data_iterator"])
+        tracker.load_json(extras["best"])
+        print(f"[ppo] resumed from iteration {int(state.step)} in {last_ckpt.directory}")
+
+    stages = build_stages(spec, hyper, sampling_config, optimizer, mesh, state_shardings, ref_shardings, reward_fn,
+                          simple_rewards.ResponseIds.from_tokenizer(tok), config.global_batch_size,
+                          data_cfg.max_prompt_tokens)
+    eval_key = jax.random.fold_in(root_key, 3)
+
+    def validate(step_now: int) -> dict[str, float]:
+        metrics = evaluate_policy(stages, state.params[policy.TRUNK_KEY], ref_params, val_prompts,
+                                  config.eval_batch_size, eval_key)
+        if tracker.update(metrics["eval/scores"]):
+            best_ckpt.save(step_now, {"params": state.params[policy.TRUNK_KEY]},
+                           {"eval/scores": metrics["eval/scores"], "step": step_now})
+        metrics["eval/best_scores"] = tracker.best
+        return metrics
+
+    def extras():
+        return {"data_iterator": iterator.get_state(), "best": tracker.to_json(),
+                "init": {"directory": init_dir, "step": init_step}}
+
+    lr_at = sft.learning_rate_schedule(optimizer_config(
+        config, total_iterations * hyper.num_epochs * hyper.num_minibatches))
+    updates_per_iteration = hyper.num_epochs * hyper.num_minibatches
+    iteration = int(state.step)
+    writer = MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
+                           enable_progress_bar=config.progress_bar)
+    eval_metrics: dict[str, float] = {}
+    if iteration == 0 and config.eval_at_start:  # the SFT policy's validation reward: the baseline to beat
+        eval_metrics = validate(0)
+        writer.write(0, eval_metrics)
+    stop = tracker.should_stop
+    while iteration < total_iterations and not stop:
+        result = run_iteration(stages, state, ref_params, parallel.global_batch_from_host(next(iterator), mesh))
+        state = result.state
+        iteration += 1
+        last = iteration == total_iterations
+        if iteration % config.log_every_iterations == 0 or last:
+            metrics = dict(result.metrics)
+            metrics.update({"episode": iteration * config.global_batch_size,
+                            "lr": float(lr_at((iteration - 1) * updates_per_iteration)),
+                            "epoch": iteration / iterator.steps_per_epoch})
+            writer.write(iteration, metrics)
+            writer.advance(0, {"score": metrics["objective/scores"], "kl": metrics["objective/kl"]})
+        writer.advance(1)
+        if iteration % config.eval_every_iterations == 0 or last:
+            eval_metrics = validate(iteration)
+            stop = tracker.should_stop
+            writer.write(iteration, eval_metrics)
+        if iteration % config.checkpoint_every_iterations == 0 or last or stop:
+            last_ckpt.save(iteration, state, extras())
+    writer.close()
+    if stop and iteration < total_iterations:
+        print(f"[ppo] early stop at iteration {iteration}: no eval/scores improvement in "
+              f"{tracker.patience_evals} evals")
+    if eval_metrics:
+        print(f"[ppo] iteration {iteration}: eval/scores {eval_metrics['eval/scores']:.4f} "
+              f"(best {tracker.best:.4f}), eval/kl {eval_metrics['eval/kl']:.3f}; run in {workdir}")
+    if config.num_sample_replies:
+        replies.print_sample_replies(model_config, state.params[policy.TRUNK_KEY], tok, val, config,
+                                     config.num_sample_replies)
+    return eval_metrics
