@@ -18,12 +18,13 @@ def get_config():
     config.model.n_positions = 256
     config.model.dropout_rate = 0.0
     config.global_batch_size = 16
-    config.num_epochs = 40.0
+    config.num_epochs = 16.0
     config.learning_rate = 3e-3
     config.warmup_fraction = 0.05
     config.log_every_steps = 10
-    config.eval_every_steps = 50
-    config.checkpoint_every_steps = 50
+    config.eval_every_steps = 22
+    config.early_stopping_patience_evals = 3
+    config.checkpoint_every_steps = 44
     config.eval_batch_size = 32
     config.num_sample_replies = 3
     config.sampling.max_new_tokens = 32

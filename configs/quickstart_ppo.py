@@ -25,6 +25,6 @@ def get_config():
     config.eval_every_iterations = 4
     config.checkpoint_every_iterations = 4
     config.num_eval_prompts = 0
-    config.eval_batch_size = 32
+    config.eval_batch_size = 16  # = the rollout batch: one compiled sampler
     config.num_sample_replies = 3
     return config

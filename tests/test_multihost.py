@@ -27,7 +27,7 @@ def _args(workdir, max_steps):
     return ["-m", "therapy_rl.main", "--config", os.path.join(REPO, "configs/quickstart.py"), "--workdir", workdir,
             f"--config.max_steps={max_steps}", "--config.checkpoint_every_steps=6", "--config.eval_every_steps=6",
             "--config.lr_schedule=constant", "--config.warmup_fraction=0.0", "--config.learning_rate=3e-4",
-            "--config.model.dropout_rate=0.0",
+            "--config.model.dropout_rate=0.0", "--config.early_stopping_patience_evals=0",
             "--config.num_sample_replies=0", "--config.progress_bar=false"]
 
 

@@ -270,3 +270,47 @@ def test_resolve_data_config_inherits_sft_format():
     ppo_data.context_turns = 3
     with pytest.raises(ValueError, match="context_turns"):
         trainer.resolve_data_config(ppo_data, sft_data)
+
+
+class _FakeRewardModel:
+    """Stands in for rewards.combine.RewardModel: features are functions of the text alone."""
+
+    def __init__(self):
+        self.calls = []
+
+    def user_features(self, texts, batch_size=64):
+        self.calls.append(list(texts))
+        emb = np.array([[len(t), t.count("a")] for t in texts], np.float32)
+        return {"user_embedding": emb, "user_crisis": np.array([int("help" in t) for t in texts], np.int32)}
+
+    def score(self, fields, tokens, mask, decode_fn):
+        total = fields["user_embedding"][:, 0] + 100 * fields["user_crisis"] + mask.sum(1)
+        return total, {"length": mask.sum(1).astype(np.float32), "total_raw": total}
+
+
+def test_therapy_reward_adapter_caches_user_features_in_fixed_chunks():
+    model = _FakeRewardModel()
+    reward = simple_rewards.TherapyReward(model=model, decode_fn=str, chunk_size=4)
+    texts = [f"text {'a' * i}" + (" help" if i % 5 == 0 else "") for i in range(10)]
+    base = {"valid": np.ones(10, np.int32), "user_emotion": np.zeros(10, np.int32),
+            "therapist_emotion": np.zeros(10, np.int32)}
+    train = reward.register_prompts(base, texts)
+    val = reward.register_prompts({k: v[:3] for k, v in base.items()}, ["x", "yy", "zzz help"])
+    np.testing.assert_array_equal(train["user_text_id"], np.arange(10))
+    np.testing.assert_array_equal(val["user_text_id"], [10, 11, 12])
+
+    rows = np.array([9, 2, 11, 2])
+    batch = {"user_text_id": jnp.asarray(rows), "user_emotion": jnp.zeros(4, jnp.int32),
+             "therapist_emotion": jnp.zeros(4, jnp.int32), "valid": jnp.ones(4, jnp.int32)}
+    tokens, mask = jnp.ones((4, 5), jnp.int32), jnp.asarray(np.tril(np.ones((4, 5), np.int32)))
+    total, comps = reward(batch, tokens, mask)
+    every = texts + ["x", "yy", "zzz help"]
+    expected = [len(every[i]) + 100 * ("help" in every[i]) + int(np.asarray(mask)[r].sum()) for r, i in enumerate(rows)]
+    np.testing.assert_allclose(total, expected)
+    assert set(comps) == {"length"}
+    # only the chunks holding rows 9, 2 and 11 were embedded, each whole and once
+    assert sorted(map(tuple, model.calls)) == sorted([tuple(every[0:4]), tuple(every[8:12])])
+    reward(batch, tokens, mask)
+    assert len(model.calls) == 2  # cached
+    with pytest.raises(KeyError, match="register_prompts"):
+        reward({k: v for k, v in batch.items() if k != "user_text_id"}, tokens, mask)

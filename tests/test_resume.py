@@ -21,7 +21,8 @@ def _command(workdir):
     return [sys.executable, "-m", "therapy_rl.main", "--config", os.path.join(REPO, "configs/quickstart.py"),
             "--workdir", workdir, f"--config.max_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=10",
             "--config.eval_every_steps=40", "--config.log_every_steps=5", "--config.num_sample_replies=0",
-            "--config.model.dropout_rate=0.1", "--config.progress_bar=false"]
+            "--config.model.dropout_rate=0.1", "--config.progress_bar=false",
+            "--config.early_stopping_patience_evals=0"]
 
 
 def _env():

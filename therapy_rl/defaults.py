@@ -202,3 +202,66 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     c.progress_bar = True
     c.num_sample_replies = 4  # replies printed for validation prompts at the end
     return c
+
+
+def eval_defaults() -> ml_collections.ConfigDict:
+    """Evaluation of an SFT or PPO run (``therapy_rl.evaluation.runner``): generate for a split, score, report."""
+    c = ml_collections.ConfigDict()
+    c.mode = "eval"
+    c.seed = 42  # PRNG root of the decoding search and of the evaluation's sampling
+    c.name = ""  # this model's label in the report; "" = the checkpoint run's folder name
+    c.checkpoint = ""  # a run workdir (SFT or PPO) or one of its checkpoint folders (best/, checkpoints/); required
+    c.checkpoint_which = "best"  # best | last: which folder of a run workdir
+    c.checkpoint_step = -1  # step in that folder; -1 = its latest
+    c.split = "test"  # val | test: the split scored
+    c.data = data_defaults()  # fields left at their defaults take the run's value (run_info.json)
+    c.data.source = ""  # "" = the run's source; e.g. esconv for the cross-domain evaluation
+    c.eval_batch_size = 64  # prompts per generation batch (fixed shape: the last batch is padded)
+    c.sampling = sampling_defaults()
+    c.sampling.max_new_tokens = 128  # the paper; top_p/top_k/temperature are replaced by a saved decoding.json
+    c.use_saved_decoding = True  # use decoding.json of the eval workdir, else of the checkpoint's run workdir
+
+    d = ml_collections.ConfigDict()  # grid search of top_p x top_k x temperature, saved to <workdir>/decoding.json
+    d.enabled = False  # search before evaluating (reuses an existing decoding.json unless redo=True)
+    d.redo = False  # search again even when the eval workdir has a decoding.json
+    d.split = "val"  # the split searched; a test split is refused unless allow_test_split
+    d.allow_test_split = False  # True = tune on test like the paper (reports then carry a warning)
+    d.limit = 100  # first N prompts of the search split (0 = all)
+    d.metric = "rougeL"  # score maximised: any key of the scores (bleu, rouge1, meteor, emotion_accuracy, ...)
+    d.metric_weights = ml_collections.ConfigDict()  # non-empty = maximise this weighted sum of scores instead
+    d.top_p = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # the paper's grid: 0.6-1.0 ...
+    d.top_k = (0, 5, 10, 15, 20, 25, 30, 35)  # ... x 0-35 (0 = no top-k) ...
+    d.temperature = (1.0, 1.1, 1.2, 1.3)  # ... x 1.0-1.3 (288 settings: one compilation each)
+    c.decoding_search = d
+
+    m = ml_collections.ConfigDict()
+    m.bertscore = True  # BERTScore-style P/R/F1 from MiniLM token states (slow on CPU: ~0.3 s per sample)
+    m.bertscore_batch_size = 64
+    m.meteor_variant = "auto"  # auto | nltk-full | exact+stem (auto: full when NLTK finds WordNet)
+    m.bootstrap_resamples = 1000  # for the 95% confidence intervals
+    m.confidence = 0.95
+    c.metrics = m
+
+    e = ml_collections.ConfigDict()  # emotion of replies from a classifier, for models that emit no tag
+    e.source = "auto"  # auto (classifier iff the run was trained without emotion tags) | tag | classifier
+    e.heads_dir = ""  # folder of the reward heads' heads.npz; "" = the weights shipped with therapy_rl.rewards
+    c.emotion = e
+
+    j = ml_collections.ConfigDict()  # LLM-as-judge over an OpenAI-compatible chat endpoint
+    j.enabled = False
+    j.base_url = ""  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
+    j.model = ""  # e.g. gpt-4o-mini (the paper's)
+    j.api_key_env = "OPENAI_API_KEY"  # name of the environment variable with the key; "" = no auth header
+    j.mode = "per_criterion"  # per_criterion (the paper: one call per criterion) | all_criteria
+    j.limit = 100  # first N evaluated samples judged (the paper: 100); 0 = all
+    j.temperature = 0.1
+    j.timeout_s = 60.0
+    j.max_retries = 4
+    j.cache_path = ""  # JSONL cache of judgments; "" = <workdir>/judge_cache.jsonl
+    c.judge = j
+
+    r = ml_collections.ConfigDict()
+    r.paper_table = "auto"  # auto (mesc -> Table 5, esconv -> Table 6, else none) | mesc | esconv | none
+    r.n_sample_rows = 10  # sample generations shown in report.md
+    c.report = r
+    return c

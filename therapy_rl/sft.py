@@ -332,7 +332,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if config.num_sample_replies:
         from therapy_rl import replies
 
-        replies.print_sample_replies(model_config, state.params, tok, val, config, config.num_sample_replies)
+        best_params = best_ckpt.restore({"params": state.params})[0]["params"]
+        print(f"[sft] replies of the best checkpoint (step {best_ckpt.latest_step()}) for validation prompts:")
+        replies.print_sample_replies(model_config, best_params, tok, val, config, config.num_sample_replies)
     if config.export_hf and jax.process_index() == 0:
         from therapy_rl.models import hf_io
 

@@ -170,31 +170,70 @@ _emotion_tag_jit = jax.jit(_emotion_tag_reward, static_argnums=0)
 class TherapyReward:
     """Adapter from `rewards.combine.RewardModel` to `RewardFn`.
 
-    Needs `user_embedding` [B, 384] (and optionally `user_crisis` [B]) in the batch: add them to the prompt arrays
-    once with `add_user_features`. Host work per batch: decode each reply's text region and re-tokenise it for
-    MiniLM (the reward model's own step); everything else runs in its jitted `reward_fn`.
+    The reward needs each prompt's user-text features (MiniLM embedding, crisis flag). `register_prompts` gives
+    every prompt row a `user_text_id` into this object's text table; features are computed on first use, a batch
+    at a time, and cached (so start-up costs nothing and later epochs reuse them). Host work per batch: embedding
+    the not-yet-seen user texts and decoding + re-tokenising the replies for MiniLM (the reward model's own step);
+    everything else runs in its jitted `reward_fn`.
     """
 
     model: Any  # rewards.combine.RewardModel
     decode_fn: Callable[[list], str]
+    user_texts: list = dataclasses.field(default_factory=list)
+    chunk_size: int = 8  # user texts embedded per call (fixed groups: see user_features)
+    _embedding: Optional[np.ndarray] = None  # [num_texts, E] cache
+    _crisis: Optional[np.ndarray] = None  # [num_texts]
+    _known: Optional[np.ndarray] = None  # [num_texts] bool
+
+    def register_prompts(self, prompts: Mapping[str, np.ndarray], user_texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The prompt arrays plus `user_text_id` [N] int32 (row i -> user_texts[i])."""
+        if len(user_texts) != len(prompts["valid"]):
+            raise ValueError(f"TherapyReward.register_prompts: {len(user_texts)} texts for "
+                             f"{len(prompts['valid'])} prompt rows")
+        offset = len(self.user_texts)
+        self.user_texts.extend(user_texts)
+        out = dict(prompts)
+        out["user_text_id"] = np.arange(offset, offset + len(user_texts), dtype=np.int32)
+        return out
+
+    def user_features(self, text_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embedding [B, E] float32, crisis [B] int32) of user texts `text_ids`.
+
+        Texts are embedded in fixed chunks of the table (ids [c * CHUNK, (c + 1) * CHUNK)), the first time any of
+        them is needed; the encoder pads a call to its longest text, so fixed chunks make every text's features
+        independent of which batch asked first (a resumed run gets the same bits).
+        """
+        n, chunk = len(self.user_texts), self.chunk_size
+        if self._known is None or len(self._known) != n:
+            old = 0 if self._known is None else len(self._known)
+            known, crisis = np.zeros(n, bool), np.zeros(n, np.int32)
+            if old:
+                known[:old], crisis[:old] = self._known, self._crisis
+            self._known, self._crisis = known, crisis
+        for c in np.unique(text_ids[~self._known[text_ids]] // chunk):
+            rows = np.arange(c * chunk, min((c + 1) * chunk, n))
+            feats = self.model.user_features([self.user_texts[i] for i in rows], batch_size=chunk)
+            emb = np.asarray(feats["user_embedding"], np.float32)
+            if self._embedding is None or len(self._embedding) != n:
+                table = np.zeros((n, emb.shape[1]), np.float32)
+                if self._embedding is not None:
+                    table[:len(self._embedding)] = self._embedding
+                self._embedding = table
+            self._embedding[rows] = emb
+            self._crisis[rows] = np.asarray(feats["user_crisis"], np.int32)
+            self._known[rows] = True
+        return self._embedding[text_ids], self._crisis[text_ids]
 
     def __call__(self, batch, tokens, response_mask):
-        fields = {k: batch[k] for k in ("user_embedding", "user_emotion", "therapist_emotion", "user_crisis", "valid")
-                  if k in batch}
-        fields = jax.device_get(fields)
+        if "user_text_id" not in batch:
+            raise KeyError("TherapyReward: the prompt batch has no `user_text_id`; call register_prompts first")
+        host = jax.device_get({k: batch[k] for k in ("user_text_id", "user_emotion", "therapist_emotion", "valid")})
+        embedding, crisis = self.user_features(np.asarray(host["user_text_id"]))
+        fields = {"user_embedding": embedding, "user_crisis": crisis, "user_emotion": host["user_emotion"],
+                  "therapist_emotion": host["therapist_emotion"], "valid": host["valid"]}
         tokens, response_mask = jax.device_get((tokens, response_mask))
         total, comps = self.model.score(fields, np.asarray(tokens), np.asarray(response_mask), self.decode_fn)
-        comps = {k: v for k, v in comps.items() if k != "total_raw"}
-        return total, comps
-
-    def add_user_features(self, prompts: dict[str, np.ndarray], user_texts: Sequence[str],
-                          batch_size: int = 64) -> dict[str, np.ndarray]:
-        """The prompt arrays plus `user_embedding` [N, 384] float32 and `user_crisis` [N] int32."""
-        feats = self.model.user_features(list(user_texts), batch_size=batch_size)
-        out = dict(prompts)
-        out["user_embedding"] = np.asarray(feats["user_embedding"], np.float32)
-        out["user_crisis"] = np.asarray(feats["user_crisis"], np.int32)
-        return out
+        return total, {k: v for k, v in comps.items() if k != "total_raw"}
 
 
 def therapy_reward(reward_cfg: Mapping[str, Any], tok, vocab_size: Optional[int] = None) -> TherapyReward:

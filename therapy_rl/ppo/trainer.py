@@ -114,6 +114,10 @@ def copy_tokenizer(sft_workdir: str, workdir: str) -> str:
         shutil.rmtree(building, ignore_errors=True)
         shutil.copytree(run_files.tokenizer_dir(sft_workdir), building)
         os.replace(building, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ppo tokenizer")
     return target
 
 
@@ -336,14 +340,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     reward_fn = simple_rewards.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
     train_prompts = train.prompts
-    if isinstance(reward_fn, simple_rewards.TherapyReward):
-        t = time.perf_counter()
-        train_prompts = reward_fn.add_user_features(
+    if isinstance(reward_fn, simple_rewards.TherapyReward):  # user texts for the reward's relevance/safety parts
+        train_prompts = reward_fn.register_prompts(
             train_prompts, [train.samples[i].user_text for i in train_prompts["sample_index"]])
-        val_prompts = reward_fn.add_user_features(
+        val_prompts = reward_fn.register_prompts(
             val_prompts, [val.samples[i].user_text for i in val_prompts["sample_index"]])
-        print(f"[ppo] user features for {len(train_prompts['valid']) + len(val_prompts['valid'])} prompts "
-              f"in {time.perf_counter() - t:.1f}s")
 
     mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     iterator = batches.BatchIterator(train_prompts, config.global_batch_size, seed=config.seed)
@@ -354,6 +355,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     spec = policy.PolicySpec(model_config, separate_critic=config.ppo.separate_critic, dropout=config.ppo.dropout,
                              value_dropout_rate=config.ppo.value_dropout_rate,
                              logprob_temperature=config.sampling.temperature)
+    if config.sampling.greedy:
+        raise ValueError("config.sampling.greedy=True: PPO needs sampled rollouts (greedy has no exploration)")
+    if config.sampling.top_k or config.sampling.top_p < 1.0:
+        print("[ppo] warning: top-k/top-p sampling is off-policy for PPO (its log-probs are the unfiltered "
+              "policy's); the paper samples with top_k=0, top_p=1")
     sampling_config = replies.sampling_config_from(config.sampling, tok)
 
     root_key = jax.random.key(config.seed)

@@ -1,0 +1,559 @@
+"""Evaluation mode: ``python -m therapy_rl.main --config configs/eval_mesc.py --workdir OUT --config.checkpoint=RUN``.
+
+Reads a run (SFT or PPO workdir, or one of its checkpoint folders), generates a reply for every prompt of
+``config.split`` in fixed-shape batches on the jitted sampler, scores the replies (`metrics.evaluate_generations`),
+adds bootstrap CIs and optional LLM-judge scores, and writes into the eval workdir:
+``generations.jsonl``, ``report.json``, ``report.md``, ``plots/`` (training curves from the run's metrics.jsonl),
+and ``decoding.json`` when a decoding search ran.
+
+Decoding settings (top_p, top_k, temperature), first match wins:
+1. a search on the VALIDATION split (``decoding_search.enabled``), saved to ``<workdir>/decoding.json``
+   (an existing file there is reused unless ``decoding_search.redo``);
+2. ``decoding.json`` of the eval workdir, then of the checkpoint's run workdir (``use_saved_decoding``);
+3. ``config.sampling``.
+PRNG keys derive from ``config.seed`` only: the search uses ``fold_in(seed, 1)`` for every candidate (common random
+numbers), the evaluation ``fold_in(seed, 2)``, and batch ``b`` folds in ``b``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from therapy_rl.evaluation import decoding_search, metrics as metrics_lib
+
+# Data options that define the sequence format a model learned: the evaluation must use the run's values.
+FORMAT_FIELDS = ("include_therapist_emotion", "include_strategy", "context_turns", "user_emotion_from",
+                 "therapist_run")
+# Data options that belong to the evaluation, never inherited from the run (which may have trimmed them for speed).
+EVAL_OWN_FIELDS = ("max_eval_samples", "max_train_samples")
+SPLITS = ("val", "test")
+EMOTION_SOURCES = ("auto", "tag", "classifier")
+GENERATIONS_FILE = "generations.jsonl"
+PPO_TRUNK_KEY = "trunk"  # a PPO checkpoints/ state keeps the policy trunk under params["trunk"]
+SEARCH_KEY, EVAL_KEY = 1, 2  # fold_in constants of the two sampling streams
+
+
+# ------------------------------------------------------------------------------------------ checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    directory: str  # the orbax manager folder (best/ or checkpoints/)
+    step: int
+    run_workdir: str  # the folder holding run_info.json and tokenizer/
+
+
+def resolve_checkpoint(path: str, which: str = "best", step: int = -1) -> CheckpointRef:
+    """The checkpoint to evaluate: ``path`` is a run workdir (its best/ or checkpoints/ by ``which``) or a manager
+    folder; step -1 = the latest step there."""
+    from therapy_rl import checkpoint, run_files
+
+    if not path:
+        raise ValueError("config.checkpoint is empty: pass a run workdir, e.g. --config.checkpoint=/path/to/sft_run")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config.checkpoint={path!r}: no such folder")
+    if which not in ("best", "last"):
+        raise ValueError(f"config.checkpoint_which={which!r}: expected best or last")
+    directory = checkpoint.find_checkpoint_dir(path, prefer="best" if which == "best" else "checkpoints")
+    steps = checkpoint.Checkpointer(directory).all_steps()
+    chosen = max(steps) if step < 0 else step
+    if chosen not in steps:
+        raise FileNotFoundError(f"config.checkpoint_step={step}: no such step in {directory} (has {sorted(steps)})")
+    run_workdir = None
+    for candidate in (path, os.path.dirname(os.path.abspath(directory))):
+        if os.path.exists(os.path.join(candidate, run_files.RUN_INFO)):
+            run_workdir = candidate
+            break
+    if run_workdir is None:
+        raise FileNotFoundError(f"config.checkpoint={path!r}: no {run_files.RUN_INFO} there or beside {directory}")
+    return CheckpointRef(os.path.abspath(directory), int(chosen), os.path.abspath(run_workdir))
+
+
+def load_params(ref: CheckpointRef) -> Any:
+    """The GPT-2 params of a checkpoint as host numpy arrays, whatever its layout: best/ ({"params"}), an SFT
+    TrainState or a PPO state (params["trunk"]). Only the "params" subtree is read."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(ref.directory, str(ref.step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    tree = getattr(metadata, "tree", metadata)
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        raise ValueError(f"{path}: the saved state holds no 'params' (has {keys})")
+    wanted = {"params": tree["params"]}
+    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
+                                          is_leaf=is_leaf)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                       partial_restore=True))
+    params = restored["params"]
+    if PPO_TRUNK_KEY in params:
+        params = params[PPO_TRUNK_KEY]
+    return params
+
+
+# ------------------------------------------------------------------------------------------ data options
+
+
+def resolve_data_config(eval_data, run_data: Mapping[str, Any], where: str = "config.data") -> ml_collections.ConfigDict:
+    """The run's data options overlaid with every eval data field set away from `data_defaults()`.
+
+    `source = ""` keeps the run's source. A changed source (e.g. esconv for the cross-domain test) resets the run's
+    data_dir unless the eval sets one. EVAL_OWN_FIELDS always come from the eval config. FORMAT_FIELDS must agree
+    with the run: the model only knows that format.
+    """
+    from therapy_rl import defaults
+
+    base = defaults.data_defaults().to_dict()
+    requested = eval_data.to_dict() if hasattr(eval_data, "to_dict") else dict(eval_data)
+    resolved = dict(run_data)
+    for key, value in requested.items():
+        if key == "source" and value == "":
+            continue
+        if key in EVAL_OWN_FIELDS or key not in resolved or value != base.get(key):
+            resolved[key] = value
+    if resolved.get("source") != run_data.get("source") and requested.get("data_dir", "") == "":
+        resolved["data_dir"] = ""  # the run's folder belongs to its own source
+    for key in FORMAT_FIELDS:
+        if key in run_data and resolved.get(key) != run_data[key]:
+            raise ValueError(f"{where}.{key}={resolved.get(key)!r} differs from the run's {run_data[key]!r}: "
+                             "the model was trained on that format")
+    if not resolved.get("source"):
+        raise ValueError(f"{where}.source is empty and the run's run_info.json has no data source")
+    return ml_collections.ConfigDict(resolved)
+
+
+def paper_table_for(setting: str, source: str) -> str | None:
+    """Which of the paper's tables to print beside ours."""
+    if setting == "auto":
+        return {"mesc": "mesc", "esconv": "esconv"}.get(source)
+    if setting in ("none", "", None):
+        return None
+    if setting not in ("mesc", "esconv"):
+        raise ValueError(f"config.report.paper_table={setting!r}: expected auto, mesc, esconv or none")
+    return setting
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def reply_fields(tok, ids: Sequence[int]) -> dict:
+    """The generated reply of one row of token ids: text, emotion label (None when missing or invalid), the raw
+    token after ``<therapist_emotion>`` (for the report), whether the tag is present, strategy."""
+    from therapy_rl.data import labels, tokenize
+
+    ids = [int(i) for i in ids]
+    text, emotion, strategy = tokenize.decode_reply(tok, ids)
+    eos, tag = tok.marker_ids[labels.EOS], tok.marker_ids[labels.THERAPIST_EMOTION]
+    end = ids.index(eos) if eos in ids else len(ids)
+    has_tag = tag in ids[:end]
+    raw = emotion
+    if has_tag and emotion is None:
+        after = ids.index(tag) + 1
+        raw = tok.decode(ids[after:after + 1]).strip() if after < end else ""
+    return {"generated": text, "pred_emotion": raw, "tag_emotion": emotion, "has_emotion_tag": has_tag,
+            "pred_strategy": strategy}
+
+
+def generate_token_rows(generate_fn, params, prompts: Mapping[str, np.ndarray], batch_size: int,
+                        rng: jax.Array) -> list[np.ndarray]:
+    """Token ids of every prompt row, in order (each cut at its response length). Batches have a fixed shape: the
+    last one is filled with copies of its first row, marked inactive so they stop at once."""
+    from therapy_rl import replies
+
+    rows: list[np.ndarray] = []
+    for index, (batch, real) in enumerate(replies.padded_batches(dict(prompts), batch_size)):
+        active = (np.arange(batch_size) < real).astype(np.int32)
+        out = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index), active)
+        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        rows.extend(np.asarray(tokens[r, :lengths[r]]) for r in range(real))
+    return rows
+
+
+class Generator:
+    """Generates replies for one split's prompts with any decoding settings; one jitted sampler per setting."""
+
+    def __init__(self, model_config, params, tok, sampling_cfg, batch_size: int):
+        self.model_config, self.params, self.tok = model_config, params, tok
+        self.sampling_cfg, self.batch_size = sampling_cfg, batch_size
+        self._fns: dict[tuple, Callable] = {}
+
+    def sampling_config(self, settings: Mapping[str, Any]):
+        from therapy_rl import replies
+
+        return replies.sampling_config_from(self.sampling_cfg, self.tok, **dict(settings))
+
+    def token_rows(self, prompts: Mapping[str, np.ndarray], settings: Mapping[str, Any],
+                   rng: jax.Array) -> list[np.ndarray]:
+        from therapy_rl import sampling
+
+        config = self.sampling_config(settings)
+        if config not in self._fns:
+            self._fns[config] = sampling.make_generate_fn(self.model_config, config)
+        return generate_token_rows(self._fns[config], self.params, prompts, self.batch_size, rng)
+
+
+def build_records(tok, split_samples: Sequence, sample_index: np.ndarray,
+                  token_rows: Sequence[np.ndarray]) -> list[dict]:
+    """One `evaluate_generations` record per prompt row (sample_id = "dialogue_id:turn_index")."""
+    if len(sample_index) != len(token_rows):
+        raise ValueError(f"{len(sample_index)} prompts but {len(token_rows)} generated rows")
+    records = []
+    for row, ids in zip(sample_index, token_rows):
+        s = split_samples[int(row)]
+        records.append({
+            "sample_id": f"{s.dialogue_id}:{s.turn_index}", "problem": s.problem, "user_text": s.user_text,
+            "user_emotion": s.user_emotion, "reference": s.therapist_text, "gold_emotion": s.therapist_emotion,
+            "gold_strategy": s.strategy, "num_tokens": int(len(ids)), **reply_fields(tok, ids),
+        })
+    return records
+
+
+# ------------------------------------------------------------------------------------------ emotion classifier
+
+
+def load_emotion_classifier(heads_dir: str = "") -> Callable[[Sequence[str]], list[str]]:
+    """``classify(texts) -> labels``: the rewards room's emotion head on MiniLM sentence embeddings.
+
+    Raises ImportError / FileNotFoundError / ValueError when the rewards modules or weights are unavailable."""
+    from therapy_rl.data.labels import EMOTIONS
+    from therapy_rl.rewards import encoder as encoder_lib, heads as heads_lib
+
+    heads = heads_lib.load_reward_heads(heads_dir or None)
+    encoder = encoder_lib.load_sentence_encoder()
+
+    def classify(texts: Sequence[str]) -> list[str]:
+        if not texts:
+            return []
+        emb = encoder.embed(list(texts))
+        probs = np.asarray(heads_lib.emotion_probabilities(heads, emb))
+        return [EMOTIONS[i] for i in probs.argmax(axis=-1)]
+
+    return classify
+
+
+def apply_emotion_source(records: list[dict], mode: str, trained_with_tags: bool, heads_dir: str,
+                         log: Callable[[str], None] = print) -> dict:
+    """Sets each record's pred_emotion from the tag or from the classifier; returns the report's description
+    {"emotion_source": "tag" | "classifier", "emotion_classifier": {...}}."""
+    if mode not in EMOTION_SOURCES:
+        raise ValueError(f"config.emotion.source={mode!r}: expected one of {EMOTION_SOURCES}")
+    want = mode == "classifier" or (mode == "auto" and not trained_with_tags)
+    info: dict[str, Any] = {"emotion_source": "tag", "emotion_classifier": {"requested": want, "used": False}}
+    if not want:
+        return info
+    try:
+        classify = load_emotion_classifier(heads_dir)
+    except (ImportError, AttributeError, FileNotFoundError, OSError, ValueError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        log(f"[eval] emotion classifier unavailable, emotions are read from tags only ({reason})")
+        info["emotion_classifier"]["skipped_because"] = reason
+        return info
+    t = time.perf_counter()
+    labels = classify([r["generated"] for r in records])
+    for record, label in zip(records, labels):
+        record["classifier_emotion"] = label
+        record["pred_emotion"] = label
+    info["emotion_source"] = "classifier"
+    info["emotion_classifier"].update(
+        used=True, method="therapy_rl.rewards emotion head on all-MiniLM-L6-v2 sentence embeddings of the reply "
+                          "(the paper used a go_emotions RoBERTa mapped to the 7 labels)",
+        heads_dir=heads_dir or "(shipped weights)", seconds=round(time.perf_counter() - t, 2))
+    log(f"[eval] emotions of {len(records)} replies from the classifier ({info['emotion_classifier']['seconds']}s)")
+    return info
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def search_scores(records: Sequence[Mapping], meteor_variant: str) -> dict[str, float]:
+    """Flat scores of one decoding candidate: per-sample means, distinct-n, emotion accuracy and macro-F1."""
+    result = metrics_lib.evaluate_generations(records, meteor_variant=meteor_variant)
+    scores = dict(result["means"])
+    scores.update(result["corpus"])
+    scores["emotion_accuracy"] = result["emotion"]["accuracy"]
+    scores["emotion_macro_f1"] = result["emotion"]["macro_f1"]
+    return scores
+
+
+def search_metric(search_cfg) -> decoding_search.Metric:
+    weights = search_cfg.metric_weights.to_dict() if search_cfg.get("metric_weights") else {}
+    return {k: float(v) for k, v in weights.items()} if weights else search_cfg.metric
+
+
+def check_search_split(search_cfg) -> None:
+    """Refuse a test split before any work (search_decoding refuses it too)."""
+    if search_cfg.split not in SPLITS:
+        raise ValueError(f"config.decoding_search.split={search_cfg.split!r}: expected val (or test, refused "
+                         "unless allow_test_split)")
+    if decoding_search.is_test_split(search_cfg.split) and not search_cfg.allow_test_split:
+        raise ValueError(f"refusing to search decoding settings on split {search_cfg.split!r}: use the validation "
+                         "split (config.decoding_search.allow_test_split=True forces it, and the report says so)")
+
+
+def run_search(config, workdir: str, generator: Generator, tok, split_arrays, meteor_variant: str) -> dict:
+    """Searches the grid on the search split's first `limit` prompts and saves decoding.json; returns its content."""
+    search_cfg = config.decoding_search
+    prompts = dict(split_arrays.prompts)
+    if search_cfg.limit:
+        prompts = {k: v[:search_cfg.limit] for k, v in prompts.items()}
+    grid = decoding_search.decoding_grid(tuple(search_cfg.top_p), tuple(search_cfg.top_k),
+                                         tuple(search_cfg.temperature))
+    rng = jax.random.fold_in(jax.random.key(config.seed), SEARCH_KEY)
+    print(f"[eval] decoding search: {len(grid)} settings on {search_cfg.split} "
+          f"({len(prompts['prompt_ids'])} prompts), metric {search_metric(search_cfg)}")
+
+    def generate(settings):
+        rows = generator.token_rows(prompts, settings, rng)
+        return build_records(tok, split_arrays.samples, prompts["sample_index"], rows)
+
+    result = decoding_search.search_decoding(generate, lambda records: search_scores(records, meteor_variant), grid,
+                                             search_cfg.split, metric=search_metric(search_cfg),
+                                             allow_test_split=search_cfg.allow_test_split)
+    path = decoding_search.save_decoding(workdir, result)
+    print(f"[eval] decoding search chose {result['best']['settings']} on {search_cfg.split} "
+          f"({result['metric']} {result['best']['objective']:.4f}); saved {path}")
+    return decoding_search.load_decoding(workdir)
+
+
+def saved_decoding(workdir: str, run_workdir: str) -> tuple[dict | None, str | None]:
+    """(decoding.json content, its path) of the eval workdir, else of the run workdir; (None, None) if neither."""
+    for folder in (workdir, run_workdir):
+        payload = decoding_search.load_decoding(folder)
+        if payload is not None:
+            return payload, os.path.join(folder, decoding_search.DECODING_FILE)
+    return None, None
+
+
+def decoding_settings(payload: Mapping[str, Any] | None, sampling_cfg) -> dict:
+    """top_p/top_k/temperature from a decoding.json payload, else from config.sampling."""
+    if payload is None:
+        return {"top_p": float(sampling_cfg.top_p), "top_k": int(sampling_cfg.top_k),
+                "temperature": float(sampling_cfg.temperature)}
+    settings = dict(payload["settings"])
+    unknown = sorted(set(settings) - {"top_p", "top_k", "temperature"})
+    if unknown:
+        raise ValueError(f"decoding.json: field 'settings' has unknown keys {unknown}")
+    return {"top_p": float(settings["top_p"]), "top_k": int(settings["top_k"]),
+            "temperature": float(settings["temperature"])}
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def write_generations(path: str, records: Sequence[Mapping], emotion_source: str) -> None:
+    """One JSON line per evaluated sample, in evaluation order."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            row = {
+                "sample_id": r["sample_id"], "problem": r["problem"], "user_text": r["user_text"],
+                "reference": r["reference"], "generated": r["generated"], "num_tokens": r["num_tokens"],
+                "emotions": {"user": r["user_emotion"], "gold": r["gold_emotion"],
+                             "predicted": metrics_lib.valid_emotion(r["pred_emotion"]),
+                             "tag": r["tag_emotion"], "tag_present": r["has_emotion_tag"],
+                             "classifier": r.get("classifier_emotion"), "source": emotion_source},
+            }
+            if r.get("pred_strategy") is not None or r.get("gold_strategy") is not None:
+                row["strategy"] = {"gold": r.get("gold_strategy"), "predicted": r.get("pred_strategy")}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def notes_markdown(meta: Mapping[str, Any]) -> str:
+    """A short section appended to report.md: where the model, emotions and decoding settings came from."""
+    lines = ["## Evaluation notes", "",
+             f"- model: `{meta['run_workdir']}` ({meta['run_mode']}), checkpoint `{meta['checkpoint']}`",
+             f"- emotion source: **{meta['emotion_source']}**"
+             + (" (the reply's `<therapist_emotion>` tag; a missing tag counts as wrong)"
+                if meta["emotion_source"] == "tag" else " (a classifier applied to the reply text: "
+                + meta["emotion_classifier"].get("method", "") + ")")]
+    skipped = meta["emotion_classifier"].get("skipped_because")
+    if skipped:
+        lines.append(f"- emotion classifier requested but unavailable: {skipped}")
+    if meta.get("tag_emotion_accuracy") is not None:
+        lines.append(f"- emotion accuracy read from the tags instead: {meta['tag_emotion_accuracy']:.4f}")
+    lines.append(f"- decoding settings `{json.dumps(meta['decoding_settings'])}` from {meta['decoding_source']}")
+    if meta.get("decoding_warning"):
+        lines.append(f"- **{meta['decoding_warning']}**")
+    lines.append(f"- BERTScore-MiniLM: {'computed' if meta['bertscore'] else 'off (config.metrics.bertscore)'}")
+    lines.append(f"- seed {meta['seed']}; generation {meta['generation_seconds']:.1f}s for {meta['n_samples']} "
+                 f"prompts ({meta['prompts_at_length_limit']} fill the {meta['max_prompt_tokens']}-token prompt window: "
+                 "longer ones lose the start of the user text)")
+    lines.append(f"- generations: `{GENERATIONS_FILE}`")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the mode
+
+
+def _judge_config(config, workdir: str):
+    """The JudgeConfig of config.judge, checked before any generation (None when the judge is off)."""
+    from therapy_rl.evaluation import judge as judge_lib
+
+    j = config.judge
+    if not j.enabled:
+        return None
+    judge_config = judge_lib.judge_config_from_dict({
+        "base_url": j.base_url, "model": j.model, "api_key_env": j.api_key_env or None, "mode": j.mode,
+        "temperature": float(j.temperature), "timeout_s": float(j.timeout_s), "max_retries": int(j.max_retries),
+        "jitter_seed": int(config.seed),
+        "cache_path": j.cache_path or os.path.join(workdir, "judge_cache.jsonl")})
+    if judge_config.api_key_env and not os.environ.get(judge_config.api_key_env):
+        raise ValueError(f"config.judge.api_key_env={judge_config.api_key_env!r}: that environment variable is not "
+                         "set (set it, or --config.judge.api_key_env='' for an endpoint without auth)")
+    return judge_config
+
+
+def _train_gold_emotions(run_data: Mapping[str, Any]) -> list[str] | None:
+    """Therapist emotions of the run's whole training split (for the training-majority baseline)."""
+    from therapy_rl.data import pipeline
+
+    data_cfg = ml_collections.ConfigDict({**dict(run_data), "max_train_samples": 0})
+    try:
+        return [s.therapist_emotion for s in pipeline.load_samples(data_cfg, ("train",))["train"]]
+    except (OSError, ValueError) as err:
+        print(f"[eval] training-split majority baseline skipped: {err}")
+        return None
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Runs the evaluation described in the module docstring; returns {"paths", "results", "meta"}."""
+    from therapy_rl import run_files
+    from therapy_rl.data import pipeline, tokenize
+    from therapy_rl.evaluation import bootstrap, judge as judge_lib, report
+
+    started = time.perf_counter()
+    if jax.process_count() > 1:
+        raise ValueError("the evaluation runs in one process; start it without --distributed")
+    if config.split not in SPLITS:
+        raise ValueError(f"config.split={config.split!r}: expected one of {SPLITS}")
+    if config.decoding_search.enabled:
+        check_search_split(config.decoding_search)
+        if config.sampling.greedy:
+            raise ValueError("config.decoding_search.enabled with config.sampling.greedy=True: greedy decoding "
+                             "ignores top_p/top_k/temperature")
+    os.makedirs(workdir, exist_ok=True)
+    judge_config = _judge_config(config, workdir)
+
+    ref = resolve_checkpoint(config.checkpoint, config.checkpoint_which, config.checkpoint_step)
+    run_info = run_files.read_run_info(ref.run_workdir)
+    model_config = run_files.model_config_of(ref.run_workdir)
+    tok = tokenize.load_tokenizer(run_files.tokenizer_dir(ref.run_workdir))
+    if tok.vocab_size > model_config.vocab_size:
+        raise ValueError(f"the tokenizer of {ref.run_workdir} has {tok.vocab_size} ids but its model only "
+                         f"{model_config.vocab_size}")
+    data_cfg = resolve_data_config(config.data, run_info["data"])
+    total = data_cfg.max_prompt_tokens + config.sampling.max_new_tokens
+    if total > model_config.n_positions:
+        raise ValueError(f"config.data.max_prompt_tokens ({data_cfg.max_prompt_tokens}) + "
+                         f"config.sampling.max_new_tokens ({config.sampling.max_new_tokens}) = {total} exceeds the "
+                         f"model's n_positions {model_config.n_positions}")
+    params = jax.device_put(load_params(ref))
+    print(f"[eval] {run_info.get('mode', '?')} run {ref.run_workdir}: {ref.directory} step {ref.step}; "
+          f"data {data_cfg.source}/{config.split}")
+
+    generator = Generator(model_config, params, tok, config.sampling, config.eval_batch_size)
+    meteor_variant = metrics_lib.resolve_meteor_variant(config.metrics.meteor_variant)
+
+    # Decoding settings: a validation search, a saved decoding.json, or the config.
+    search = config.decoding_search
+    payload, source = None, "config.sampling"
+    if search.enabled and (search.redo or decoding_search.load_decoding(workdir) is None):
+        splits = pipeline.load_samples(data_cfg, (search.split,))
+        search_arrays = pipeline.encode_split(tok, data_cfg, splits[search.split], with_sft=False, name=search.split)
+        payload = run_search(config, workdir, generator, tok, search_arrays, meteor_variant)
+        source = f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
+    elif search.enabled or config.use_saved_decoding:
+        payload, path = saved_decoding(workdir, ref.run_workdir)
+        if payload is not None:
+            source = f"{path} (reused)"
+            print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
+                  f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
+                                                     if search.enabled else ""))
+    settings = decoding_settings(payload, config.sampling)
+    sampling_config = generator.sampling_config(settings)
+
+    # Generate for the evaluated split.
+    split_samples = pipeline.load_samples(data_cfg, (config.split,))[config.split]
+    arrays = pipeline.encode_split(tok, data_cfg, split_samples, with_sft=False, name=config.split)
+    prompts = arrays.prompts
+    t = time.perf_counter()
+    rows = generator.token_rows(prompts, settings, jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY))
+    generation_seconds = time.perf_counter() - t
+    records = build_records(tok, arrays.samples, prompts["sample_index"], rows)
+    print(f"[eval] generated {len(records)} replies in {generation_seconds:.1f}s "
+          f"(batch {config.eval_batch_size}, {settings})")
+
+    tag_accuracy = float(np.mean([r["tag_emotion"] == r["gold_emotion"] for r in records]))
+    emotion_info = apply_emotion_source(records, config.emotion.source, bool(data_cfg.include_therapist_emotion),
+                                        config.emotion.heads_dir)
+
+    embed_fn = None
+    if config.metrics.bertscore:
+        embed_fn = metrics_lib.make_minilm_token_embedder(batch_size=config.metrics.bertscore_batch_size)
+    t = time.perf_counter()
+    results = metrics_lib.evaluate_generations(
+        records, train_gold_emotions=_train_gold_emotions(run_info["data"]), meteor_variant=meteor_variant,
+        token_embed_fn=embed_fn, strategies_used=bool(data_cfg.include_strategy))
+    results = bootstrap.add_confidence_intervals(results, n_resamples=config.metrics.bootstrap_resamples,
+                                                 seed=config.seed, confidence=config.metrics.confidence)
+    print(f"[eval] metrics and {config.metrics.bootstrap_resamples} bootstrap resamples in "
+          f"{time.perf_counter() - t:.1f}s")
+
+    judge = None
+    if judge_config is not None:
+        items = judge_lib.items_from_results(results, limit=config.judge.limit or None)
+        t = time.perf_counter()
+        judge = judge_lib.judge_items(items, judge_config)
+        print(f"[eval] judge {judge_config.model}: {len(items)} replies in {time.perf_counter() - t:.1f}s, "
+              f"overall {judge['overall']}, counts {judge['counts']}")
+
+    decoding_warning = None
+    if payload is not None and payload.get("chosen_on_split") == config.split:
+        decoding_warning = (f"the decoding settings were chosen on the evaluated split ({config.split}): "
+                            "these scores are optimistic")
+    lengths = prompts["prompt_mask"].sum(axis=1)
+    meta = {
+        "name": config.name or os.path.basename(ref.run_workdir.rstrip("/")),
+        "dataset": data_cfg.source, "split": config.split,
+        "checkpoint": f"{ref.directory} step {ref.step}", "run_workdir": ref.run_workdir,
+        "run_mode": run_info.get("mode"), "seed": int(config.seed),
+        "decoding_settings": {**settings, "max_new_tokens": sampling_config.max_new_tokens,
+                              "greedy": sampling_config.greedy},
+        "decoding_source": source, "decoding_warning": decoding_warning,
+        **emotion_info,
+        "tag_emotion_accuracy": tag_accuracy if emotion_info["emotion_source"] == "classifier" else None,
+        "bertscore": bool(config.metrics.bertscore), "n_samples": len(records),
+        "max_prompt_tokens": int(data_cfg.max_prompt_tokens),
+        "prompts_at_length_limit": int((lengths >= data_cfg.max_prompt_tokens).sum()),
+        "generation_seconds": generation_seconds,
+        "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *FORMAT_FIELDS)},
+    }
+    paths = {}
+    if jax.process_index() == 0:
+        write_generations(os.path.join(workdir, GENERATIONS_FILE), records, emotion_info["emotion_source"])
+        paths = report.write_report(
+            workdir, results, meta=meta, decoding=payload, judge=judge,
+            paper_table=paper_table_for(config.report.paper_table, data_cfg.source),
+            n_sample_rows=config.report.n_sample_rows, n_resamples=config.metrics.bootstrap_resamples,
+            seed=config.seed, confidence=config.metrics.confidence,
+            metrics_jsonl=os.path.join(ref.run_workdir, "metrics.jsonl"))
+        with open(paths["markdown"], "a", encoding="utf-8") as f:
+            f.write("\n" + notes_markdown(meta))
+        paths["generations"] = os.path.join(workdir, GENERATIONS_FILE)
+        print(report.console_summary(results))
+        if emotion_info["emotion_source"] == "classifier":
+            print(f"(emotions from the classifier; from the tags the accuracy is {tag_accuracy:.4f})")
+        chosen = f" (chosen on {payload['chosen_on_split']})" if payload else ""
+        print(f"[eval] decoding {settings}{chosen}; report {paths['markdown']}; "
+              f"{time.perf_counter() - started:.0f}s in all")
+    return {"paths": paths, "results": results, "meta": meta}
