@@ -38,15 +38,41 @@ def data_dir():
     return path
 
 
+
 def restore_checkpoint_as_numpy(path):
     """A saved pytree read back as host numpy arrays, whatever devices or processes wrote it."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
+    from therapy_rl.checkpoint import read_tree_as_numpy
 
-    checkpointer = ocp.PyTreeCheckpointer()
-    item_metadata = checkpointer.metadata(path).item_metadata
-    tree = getattr(item_metadata, "tree", item_metadata)
-    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=is_leaf)
-    return checkpointer.restore(path, restore_args=restore_args)
+    return read_tree_as_numpy(path)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, **overrides):
+    """``configs/<name>.py``'s get_config() with dotted-key overrides, e.g. ``{"model.n_layer": 1}``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO_ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def quickstart_sft_workdir(tmp_path_factory):
+    """A small SFT run on the bundled sample (shared by the chat, eval and PPO tests)."""
+    from therapy_rl import sft
+
+    workdir = str(tmp_path_factory.mktemp("quickstart_sft"))
+    config = load_config("quickstart", max_steps=60, eval_every_steps=30, checkpoint_every_steps=30,
+                         num_sample_replies=0, progress_bar=False)
+    sft.train_and_evaluate(config, workdir)
+    return workdir

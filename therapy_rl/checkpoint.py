@@ -106,3 +106,29 @@ class BestTracker:
 
     def load_json(self, data: dict[str, Any]) -> None:
         self.best, self.stale_evals = data.get("best"), int(data.get("stale_evals", 0))
+
+
+def read_tree_as_numpy(item_dir: str) -> Any:
+    """A saved pytree item (e.g. ``<manager>/<step>/state``) as host numpy arrays, without a target tree:
+    works whatever mesh or number of processes wrote it."""
+    import numpy as np
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    item_metadata = checkpointer.metadata(item_dir).item_metadata
+    tree = getattr(item_metadata, "tree", item_metadata)
+    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=is_leaf)
+    return checkpointer.restore(item_dir, restore_args=restore_args)
+
+
+def load_params(path: str, prefer: str = "best", step: int | None = None) -> tuple[Any, str]:
+    """Model params from a run workdir (its ``best/`` by default, else ``checkpoints/``) or a manager folder.
+
+    Returns (params as numpy, description of where they came from).
+    """
+    directory = find_checkpoint_dir(path, prefer=prefer)
+    step = Checkpointer(directory).latest_step() if step is None else step
+    tree = read_tree_as_numpy(os.path.join(directory, str(step), "state"))
+    if "params" not in tree:
+        raise ValueError(f"{directory}/{step}: checkpoint has no 'params' entry (keys: {sorted(tree)})")
+    return tree["params"], f"{directory}/{step}"
