@@ -16,6 +16,7 @@ numbers), the evaluation ``fold_in(seed, 2)``, and batch ``b`` folds in ``b``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,7 +84,8 @@ def load_params(ref: CheckpointRef) -> Any:
 
     path = os.path.join(ref.directory, str(ref.step), "state")
     checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata
+    with _quiet_absl():  # orbax warns that a sub-item has no _CHECKPOINT_METADATA of its own: expected here
+        metadata = checkpointer.metadata(path).item_metadata
     tree = getattr(metadata, "tree", metadata)
     if not isinstance(tree, Mapping) or "params" not in tree:
         keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
@@ -92,12 +94,25 @@ def load_params(ref: CheckpointRef) -> Any:
     is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
                                           is_leaf=is_leaf)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                                                       partial_restore=True))
+    with _quiet_absl():
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                           partial_restore=True))
     params = restored["params"]
     if PPO_TRUNK_KEY in params:
         params = params[PPO_TRUNK_KEY]
     return params
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 # ------------------------------------------------------------------------------------------ data options
@@ -379,8 +394,9 @@ def notes_markdown(meta: Mapping[str, Any]) -> str:
     skipped = meta["emotion_classifier"].get("skipped_because")
     if skipped:
         lines.append(f"- emotion classifier requested but unavailable: {skipped}")
-    if meta.get("tag_emotion_accuracy") is not None:
-        lines.append(f"- emotion accuracy read from the tags instead: {meta['tag_emotion_accuracy']:.4f}")
+    if meta["emotion_source"] == "classifier":
+        lines.append(f"- read from the tags instead: emotion accuracy {meta['tag_emotion_accuracy']:.4f}, tag coverage "
+                     f"{meta['tag_coverage']:.4f} (the coverage above counts the classifier's labels)")
     lines.append(f"- decoding settings `{json.dumps(meta['decoding_settings'])}` from {meta['decoding_source']}")
     if meta.get("decoding_warning"):
         lines.append(f"- **{meta['decoding_warning']}**")
@@ -494,6 +510,7 @@ def evaluate(config, workdir: str) -> dict:
           f"(batch {config.eval_batch_size}, {settings})")
 
     tag_accuracy = float(np.mean([r["tag_emotion"] == r["gold_emotion"] for r in records]))
+    tag_coverage = float(np.mean([r["tag_emotion"] is not None for r in records]))
     emotion_info = apply_emotion_source(records, config.emotion.source, bool(data_cfg.include_therapist_emotion),
                                         config.emotion.heads_dir)
 
@@ -531,7 +548,7 @@ def evaluate(config, workdir: str) -> dict:
                               "greedy": sampling_config.greedy},
         "decoding_source": source, "decoding_warning": decoding_warning,
         **emotion_info,
-        "tag_emotion_accuracy": tag_accuracy if emotion_info["emotion_source"] == "classifier" else None,
+        "tag_emotion_accuracy": tag_accuracy, "tag_coverage": tag_coverage,
         "bertscore": bool(config.metrics.bertscore), "n_samples": len(records),
         "max_prompt_tokens": int(data_cfg.max_prompt_tokens),
         "prompts_at_length_limit": int((lengths >= data_cfg.max_prompt_tokens).sum()),

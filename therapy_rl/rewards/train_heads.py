@@ -448,6 +448,30 @@ def load_sdcnl(data_dir: str, split_file: str) -> list[dict]:
     return out
 
 
+ED_CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die", re.IGNORECASE)
+
+
+def load_empathetic_dialogues(data_dir: str, seed: int) -> dict[str, list[str]]:
+    """EmpatheticDialogues speaker turns and situations (first-person everyday emotional talk), split 80/10/10 by
+    dialogue. Texts that talk about suicide (a handful, about other people) are left out of these negatives."""
+    folder = os.path.join(data_dir, "empatheticdialogues_intents", "empatheticdialogues_annotated")
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{folder}: missing (see empatheticdialogues_intents/SOURCE.md)")
+    texts: dict[str, str] = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".csv"):
+            continue
+        for line, row in _read_csv_dicts(os.path.join(folder, name), ("Dialog_ID", "Type", "Actor", "Text")):
+            if row["Actor"] == "listener":
+                continue
+            text = " ".join(row["Text"].split())
+            if text and not ED_CRISIS_TEXT.search(text):
+                texts.setdefault(text, row["Dialog_ID"])
+    items = sorted(texts.items())
+    split = split_groups([d for _, d in items], (0.8, 0.1, 0.1), seed)
+    return {name: [t for (t, _), s in zip(items, split) if s == i] for i, name in enumerate(("train", "val", "test"))}
+
+
 def load_cssrs(data_dir: str, max_posts_per_user: int) -> list[dict]:
     """Users with their (first `max_posts_per_user`) posts; truncated cells are split on the item separator."""
     path = os.path.join(data_dir, "reddit_cssrs", "500_Reddit_users_posts_labels.csv")
