@@ -68,16 +68,15 @@ def masked_lm_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 
     ``loss_mask[b, t] = 1`` marks token ``t`` as a target, predicted from position ``t - 1``. Sums (not means)
     are returned so micro-batches and devices can be aggregated before dividing. ``logits`` are [B, T, V];
-    the train and eval steps call `shifted_lm_sums` on the T - 1 predicting positions directly.
+    the train and eval steps compute only the logits they need (`_lm_sums`).
     """
-    return shifted_lm_sums(logits[:, :-1], input_ids, loss_mask)
+    return token_sums(logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:])
 
 
-def shifted_lm_sums(shifted_logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
-    """`masked_lm_sums` for logits of positions 0 .. T-2 only ([B, T-1, V]), the ones that predict a token."""
-    targets = input_ids[:, 1:]
-    weights = loss_mask[:, 1:].astype(jnp.float32)
-    nll, correct = token_nll_and_correct(shifted_logits.astype(jnp.float32), targets)
+def token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+    """NLL, weight and correct-prediction sums of ``logits [..., V]`` against ``targets [...]``, weighted."""
+    weights = weights.astype(jnp.float32)
+    nll, correct = token_nll_and_correct(logits.astype(jnp.float32), targets)
     return {
         "nll_sum": jnp.sum(nll * weights),
         "target_count": jnp.sum(weights),
@@ -122,13 +121,19 @@ def _token_nll_bwd(residuals, cotangents):
 token_nll_and_correct.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
-def _shifted_logits(model, params, batch, deterministic: bool, dropout_key):
-    """Logits of positions 0 .. T-2 ([B, T-1, V]): the tied LM head applied to the trunk's hidden states
-    without the last position, so the [B, T, V] logits are never sliced (a copy on CPU)."""
+def _lm_sums(model, params, batch, deterministic: bool, dropout_key) -> dict[str, jax.Array]:
+    """`masked_lm_sums` of the model on ``batch``, computing only the logits that predict a token.
+
+    The tied LM head is applied to the hidden states of positions 0 .. T-2 flattened to [B * (T-1), D]:
+    the [B, T, V] logits are never sliced (a copy), and with 2-D operands XLA:CPU computes the embedding
+    gradient without a transposed copy of the [N, V] logit gradient.
+    """
     rngs = None if deterministic else {"dropout": dropout_key}
-    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                      deterministic=deterministic, rngs=rngs, compute_logits=False)
-    return gpt2.lm_logits(params["wte"]["embedding"], out.hidden_states[:, :-1], model.config)
+    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         deterministic=deterministic, rngs=rngs, compute_logits=False).hidden_states
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B * (T-1), D]
+    logits = gpt2.lm_logits(params["wte"]["embedding"], hidden, model.config)
+    return token_sums(logits, batch["input_ids"][:, 1:].reshape(-1), batch["loss_mask"][:, 1:].reshape(-1))
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
@@ -141,8 +146,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
 
     def sums_and_grads(params, micro_batch, key):
         def loss_fn(p):
-            sums = shifted_lm_sums(_shifted_logits(model, p, micro_batch, not dropout, key),
-                                   micro_batch["input_ids"], micro_batch["loss_mask"])
+            sums = _lm_sums(model, p, micro_batch, not dropout, key)
             return sums["nll_sum"], sums
 
         grads, sums = jax.grad(loss_fn, has_aux=True)(params)
@@ -183,7 +187,7 @@ def make_eval_step(model) -> Callable:
     """``eval_step(params, batch) -> sums`` (deterministic, no dropout)."""
 
     def eval_step(params, batch):
-        return shifted_lm_sums(_shifted_logits(model, params, batch, True, None), batch["input_ids"], batch["loss_mask"])
+        return _lm_sums(model, params, batch, True, None)
 
     return eval_step
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -118,7 +119,8 @@ def _quiet_absl():
 # ------------------------------------------------------------------------------------------ data options
 
 
-def resolve_data_config(eval_data, run_data: Mapping[str, Any], where: str = "config.data") -> ml_collections.ConfigDict:
+def resolve_data_config(eval_data, run_data: Mapping[str, Any],
+                        where: str = "config.data") -> ml_collections.ConfigDict:
     """The run's data options overlaid with every eval data field set away from `data_defaults()`.
 
     `source = ""` keeps the run's source. A changed source (e.g. esconv for the cross-domain test) resets the run's
@@ -194,12 +196,11 @@ def generate_token_rows(generate_fn, params, prompts: Mapping[str, np.ndarray], 
 
 
 class Generator:
-    """Generates replies for one split's prompts with any decoding settings; one jitted sampler per setting."""
+    """Generates replies for prompts of one model with any decoding settings."""
 
     def __init__(self, model_config, params, tok, sampling_cfg, batch_size: int):
         self.model_config, self.params, self.tok = model_config, params, tok
         self.sampling_cfg, self.batch_size = sampling_cfg, batch_size
-        self._fns: dict[tuple, Callable] = {}
 
     def sampling_config(self, settings: Mapping[str, Any]):
         from therapy_rl import replies
@@ -208,12 +209,17 @@ class Generator:
 
     def token_rows(self, prompts: Mapping[str, np.ndarray], settings: Mapping[str, Any],
                    rng: jax.Array) -> list[np.ndarray]:
-        from therapy_rl import sampling
+        generate_fn = jitted_sampler(self.model_config, self.sampling_config(settings))
+        return generate_token_rows(generate_fn, self.params, prompts, self.batch_size, rng)
 
-        config = self.sampling_config(settings)
-        if config not in self._fns:
-            self._fns[config] = sampling.make_generate_fn(self.model_config, config)
-        return generate_token_rows(self._fns[config], self.params, prompts, self.batch_size, rng)
+
+@functools.lru_cache(maxsize=32)
+def jitted_sampler(model_config, sampling_config) -> Callable:
+    """One jitted sampler per (model config, sampling config), both frozen dataclasses: repeated evaluations in one
+    process (a decoding search, then the test split; tests) compile each setting once."""
+    from therapy_rl import sampling
+
+    return sampling.make_generate_fn(model_config, sampling_config)
 
 
 def build_records(tok, split_samples: Sequence, sample_index: np.ndarray,
@@ -361,6 +367,28 @@ def decoding_settings(payload: Mapping[str, Any] | None, sampling_cfg) -> dict:
             "temperature": float(settings["temperature"])}
 
 
+def choose_decoding(config, workdir: str, run_workdir: str, generator: Generator, data_cfg,
+                    meteor_variant: str) -> tuple[dict | None, str]:
+    """(decoding.json content or None, where the settings come from): a validation search, a saved decoding.json,
+    or config.sampling (None), in that order (see the module docstring)."""
+    from therapy_rl.data import pipeline
+
+    search = config.decoding_search
+    if search.enabled and (search.redo or decoding_search.load_decoding(workdir) is None):
+        samples = pipeline.load_samples(data_cfg, (search.split,))[search.split]
+        arrays = pipeline.encode_split(generator.tok, data_cfg, samples, with_sft=False, name=search.split)
+        payload = run_search(config, workdir, generator, generator.tok, arrays, meteor_variant)
+        return payload, f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
+    if search.enabled or config.use_saved_decoding:
+        payload, path = saved_decoding(workdir, run_workdir)
+        if payload is not None:
+            print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
+                  f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
+                                                     if search.enabled else ""))
+            return payload, f"{path} (reused)"
+    return None, "config.sampling"
+
+
 # ------------------------------------------------------------------------------------------ outputs
 
 
@@ -402,8 +430,8 @@ def notes_markdown(meta: Mapping[str, Any]) -> str:
         lines.append(f"- **{meta['decoding_warning']}**")
     lines.append(f"- BERTScore-MiniLM: {'computed' if meta['bertscore'] else 'off (config.metrics.bertscore)'}")
     lines.append(f"- seed {meta['seed']}; generation {meta['generation_seconds']:.1f}s for {meta['n_samples']} "
-                 f"prompts ({meta['prompts_at_length_limit']} fill the {meta['max_prompt_tokens']}-token prompt window: "
-                 "longer ones lose the start of the user text)")
+                 f"prompts ({meta['prompts_at_length_limit']} fill the {meta['max_prompt_tokens']}-token prompt "
+                 "window: longer ones lose the start of the user text)")
     lines.append(f"- generations: `{GENERATIONS_FILE}`")
     return "\n".join(lines) + "\n"
 
@@ -480,21 +508,7 @@ def evaluate(config, workdir: str) -> dict:
     generator = Generator(model_config, params, tok, config.sampling, config.eval_batch_size)
     meteor_variant = metrics_lib.resolve_meteor_variant(config.metrics.meteor_variant)
 
-    # Decoding settings: a validation search, a saved decoding.json, or the config.
-    search = config.decoding_search
-    payload, source = None, "config.sampling"
-    if search.enabled and (search.redo or decoding_search.load_decoding(workdir) is None):
-        splits = pipeline.load_samples(data_cfg, (search.split,))
-        search_arrays = pipeline.encode_split(tok, data_cfg, splits[search.split], with_sft=False, name=search.split)
-        payload = run_search(config, workdir, generator, tok, search_arrays, meteor_variant)
-        source = f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
-    elif search.enabled or config.use_saved_decoding:
-        payload, path = saved_decoding(workdir, ref.run_workdir)
-        if payload is not None:
-            source = f"{path} (reused)"
-            print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
-                  f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
-                                                     if search.enabled else ""))
+    payload, source = choose_decoding(config, workdir, ref.run_workdir, generator, data_cfg, meteor_variant)
     settings = decoding_settings(payload, config.sampling)
     sampling_config = generator.sampling_config(settings)
 
@@ -555,22 +569,20 @@ def evaluate(config, workdir: str) -> dict:
         "generation_seconds": generation_seconds,
         "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *FORMAT_FIELDS)},
     }
-    paths = {}
-    if jax.process_index() == 0:
-        write_generations(os.path.join(workdir, GENERATIONS_FILE), records, emotion_info["emotion_source"])
-        paths = report.write_report(
-            workdir, results, meta=meta, decoding=payload, judge=judge,
-            paper_table=paper_table_for(config.report.paper_table, data_cfg.source),
-            n_sample_rows=config.report.n_sample_rows, n_resamples=config.metrics.bootstrap_resamples,
-            seed=config.seed, confidence=config.metrics.confidence,
-            metrics_jsonl=os.path.join(ref.run_workdir, "metrics.jsonl"))
-        with open(paths["markdown"], "a", encoding="utf-8") as f:
-            f.write("\n" + notes_markdown(meta))
-        paths["generations"] = os.path.join(workdir, GENERATIONS_FILE)
-        print(report.console_summary(results))
-        if emotion_info["emotion_source"] == "classifier":
-            print(f"(emotions from the classifier; from the tags the accuracy is {tag_accuracy:.4f})")
-        chosen = f" (chosen on {payload['chosen_on_split']})" if payload else ""
-        print(f"[eval] decoding {settings}{chosen}; report {paths['markdown']}; "
-              f"{time.perf_counter() - started:.0f}s in all")
+    write_generations(os.path.join(workdir, GENERATIONS_FILE), records, emotion_info["emotion_source"])
+    paths = report.write_report(
+        workdir, results, meta=meta, decoding=payload, judge=judge,
+        paper_table=paper_table_for(config.report.paper_table, data_cfg.source),
+        n_sample_rows=config.report.n_sample_rows, n_resamples=config.metrics.bootstrap_resamples,
+        seed=config.seed, confidence=config.metrics.confidence,
+        metrics_jsonl=os.path.join(ref.run_workdir, "metrics.jsonl"))
+    with open(paths["markdown"], "a", encoding="utf-8") as f:
+        f.write("\n" + notes_markdown(meta))
+    paths["generations"] = os.path.join(workdir, GENERATIONS_FILE)
+    print(report.console_summary(results))
+    if emotion_info["emotion_source"] == "classifier":
+        print(f"(emotions from the classifier; read from the tags the accuracy is {tag_accuracy:.4f})")
+    chosen = f" (chosen on {payload['chosen_on_split']})" if payload else ""
+    print(f"[eval] decoding {settings}{chosen}; report {paths['markdown']}; "
+          f"{time.perf_counter() - started:.0f}s in all")
     return {"paths": paths, "results": results, "meta": meta}
