@@ -17,46 +17,21 @@ from therapy_rl.evaluation import runner
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def quickstart_sft_config(max_steps: int = 4):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("qs_config", os.path.join(REPO, "configs", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.max_steps = max_steps
-    config.eval_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.num_sample_replies = 0
-    config.progress_bar = False
-    return config
-
-
 def eval_config(checkpoint: str, **search):
     """configs/eval_quickstart.py with a 2-setting grid."""
-    import importlib.util
+    from conftest import load_config
 
-    spec = importlib.util.spec_from_file_location("eq_config", os.path.join(REPO, "configs", "eval_quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.checkpoint = checkpoint
-    config.decoding_search.top_p = (0.9, 1.0)
-    config.decoding_search.top_k = (0,)
-    config.metrics.bootstrap_resamples = 200
-    config.metrics.meteor_variant = "exact+stem"  # loading WordNet costs ~10 s per process (tested in metrics)
+    config = load_config("eval_quickstart", checkpoint=checkpoint, **{
+        "decoding_search.top_p": (0.9, 1.0), "decoding_search.top_k": (0,), "metrics.bootstrap_resamples": 200,
+        "metrics.meteor_variant": "exact+stem"})  # loading WordNet costs ~10 s per process (tested in metrics)
     for key, value in search.items():
         config.decoding_search[key] = value
     return config
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    from therapy_rl import sft
-
-    workdir = str(tmp_path_factory.mktemp("sft_qs"))
-    sft.train_and_evaluate(quickstart_sft_config(), workdir)
-    return workdir
+def sft_run(quickstart_sft_workdir):
+    return quickstart_sft_workdir
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +71,9 @@ def test_cli_writes_report_plots_generations_and_val_decoding(cli_eval, sft_run)
     assert report["meta"]["decoding_settings"]["top_p"] == decoding["settings"]["top_p"]
 
     # One generation per test sample, in the order and with the texts of the data room's own samples.
-    data_cfg = quickstart_sft_config().data
+    from conftest import load_config
+
+    data_cfg = load_config("quickstart").data
     test_samples = pipeline.load_samples(data_cfg, ("test",))["test"]
     rows = read_jsonl(os.path.join(workdir, "generations.jsonl"))
     assert len(rows) == len(test_samples) == report["n_samples"]
@@ -178,7 +155,7 @@ class JudgeEndpoint:
 def test_second_eval_reuses_decoding_json_and_judges(cli_eval, sft_run):
     workdir, _ = cli_eval
     decoding_path = os.path.join(workdir, "decoding.json")
-    before = open(decoding_path).read()
+    before, mtime = open(decoding_path).read(), os.stat(decoding_path).st_mtime_ns
     first_rows = read_jsonl(os.path.join(workdir, "generations.jsonl"))
     endpoint = JudgeEndpoint()
     try:
@@ -192,7 +169,7 @@ def test_second_eval_reuses_decoding_json_and_judges(cli_eval, sft_run):
         out = runner.evaluate(config, workdir)
     finally:
         endpoint.close()
-    assert open(decoding_path).read() == before
+    assert open(decoding_path).read() == before and os.stat(decoding_path).st_mtime_ns == mtime  # not searched again
     assert "reused" in out["meta"]["decoding_source"]
     # Same seed and the same saved settings: the same replies.
     assert [r["generated"] for r in read_jsonl(os.path.join(workdir, "generations.jsonl"))] == \
@@ -265,7 +242,7 @@ def test_load_params_matches_saved_checkpoints(sft_run):
     import jax
 
     best = runner.resolve_checkpoint(sft_run, "best")
-    last = runner.resolve_checkpoint(os.path.join(sft_run, "checkpoints"), "best", step=4)
+    last = runner.resolve_checkpoint(os.path.join(sft_run, "checkpoints"), "best")  # a whole TrainState
     assert best.run_workdir == last.run_workdir == os.path.abspath(sft_run)
     for ref in (best, last):
         loaded = runner.load_params(ref)

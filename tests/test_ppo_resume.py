@@ -34,17 +34,6 @@ def _main(config, workdir, *overrides):
             "--workdir", workdir, "--config.progress_bar=false", "--config.num_sample_replies=0", *overrides]
 
 
-@pytest.fixture(scope="module")
-def sft_workdir(tmp_path_factory):
-    """A quickstart SFT run of a few steps: the policy and reference PPO starts from."""
-    root = tmp_path_factory.mktemp("ppo_resume")
-    workdir = str(root / "sft")
-    subprocess.run(_main("quickstart.py", workdir, "--config.max_steps=6", "--config.eval_every_steps=6",
-                         "--config.checkpoint_every_steps=6"),
-                   check=True, env=_env(str(root / "jax_cache")), cwd=REPO, capture_output=True)
-    return workdir, str(root / "jax_cache")
-
-
 def _ppo(workdir, sft):
     return _main("quickstart_ppo.py", workdir, f"--config.init_from={sft}", f"--config.max_iterations={TOTAL}",
                  "--config.checkpoint_every_iterations=1", "--config.eval_every_iterations=4",
@@ -77,8 +66,8 @@ def _records(workdir):
     return [{k: v for k, v in r.items() if not (k.startswith("time/") or k == "eps")} for r in records]
 
 
-def test_ppo_sigkill_then_resume_is_bit_exact(sft_workdir, tmp_path):
-    sft, cache = sft_workdir
+def test_ppo_sigkill_then_resume_is_bit_exact(quickstart_sft_workdir, tmp_path):
+    sft, cache = quickstart_sft_workdir, str(tmp_path / "jax_cache")  # the shared SFT run (tests/conftest.py)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run(_ppo(straight, sft), check=True, env=_env(cache), cwd=REPO, capture_output=True)
 

@@ -328,26 +328,31 @@ def test_resources_and_harm_encouragement(encoder, lexicon):
 
 
 def test_crisis_flags_rule(encoder, lexicon):
-    """flag = strong | (weak & p >= support) | (p >= alone), checked with hand-set head probabilities."""
+    """flag = strong | (weak & p >= support) | (p >= alone & no idiom), checked with hand-set head probabilities."""
     texts = ["I want to kill myself", "I feel so hopeless", "I feel so hopeless", "lovely weather today",
-             "lovely weather today"]
+             "lovely weather today", "we're hanging out tonight", "hanging out, but I want to kill myself"]
+    strong = np.array([1, 0, 0, 0, 0, 0, 1])
+    weak = np.array([0, 1, 1, 0, 0, 0, 0])
+    idiom = np.array([0, 0, 0, 0, 0, 1, 1])
+    logits = np.array([-1.0, -1.0, 0.2, 0.1, 0.3, 0.3, 0.3])  # p = sigmoid(10 * logit): .27 .27 .88 .73 .95 .95 .95
     ids, mask = _ids(encoder, texts)
     heads = H.init_reward_heads(jax.random.PRNGKey(0), hidden_dim=0)
-    # a linear crisis head whose logit is 10 * emb[0]: emb rows pick the probability
     w = np.zeros((H.EMBED_DIM, 1), np.float32)
-    w[0, 0] = 10.0
+    w[0, 0] = 10.0  # a linear crisis head whose logit is 10 * emb[:, 0]
     heads = heads.replace(crisis={"w_out": jnp.asarray(w), "b_out": jnp.zeros((1,))},
                           crisis_thresholds={"alone": jnp.float32(0.9), "support": jnp.float32(0.5)})
-    logits = np.array([-1.0, -1.0, 0.2, 0.1, 0.3])  # p = .27, .27, .88, .73, .95
-    emb = np.zeros((5, H.EMBED_DIM), np.float32)
+    emb = np.zeros((len(texts), H.EMBED_DIM), np.float32)
     emb[:, 0] = logits
     p = 1 / (1 + np.exp(-10 * logits))
+    ev = jax.device_get(jax.jit(S.crisis_evidence)(lexicon, heads, ids, mask, emb))
+    np.testing.assert_array_equal(ev["strong_categories"].any(-1), strong)
+    np.testing.assert_array_equal(ev["weak_categories"].any(-1), weak)
+    np.testing.assert_array_equal(ev["idiom"], idiom)
+    expected = (strong | (weak & (p >= 0.5)) | ((p >= 0.9) & (idiom == 0))).astype(np.int32)
     flags = np.asarray(jax.jit(S.crisis_flags)(lexicon, heads, ids, mask, emb))
-    strong = np.array([1, 0, 0, 0, 0])
-    weak = np.array([0, 1, 1, 0, 0])
-    expected = (strong | (weak & (p >= 0.5)) | (p >= 0.9)).astype(np.int32)
     np.testing.assert_array_equal(flags, expected)
-    assert flags.tolist() == [1, 0, 1, 0, 1]
+    np.testing.assert_array_equal(ev["flag"], expected)
+    assert flags.tolist() == [1, 0, 1, 0, 1, 0, 1]
 
 
 def test_detector_results(detector):

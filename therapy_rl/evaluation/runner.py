@@ -392,8 +392,9 @@ def choose_decoding(config, workdir: str, run_workdir: str, generator: Generator
 # ------------------------------------------------------------------------------------------ outputs
 
 
-def write_generations(path: str, records: Sequence[Mapping], emotion_source: str) -> None:
-    """One JSON line per evaluated sample, in evaluation order."""
+def write_generations(path: str, records: Sequence[Mapping], emotion_source: str,
+                      strategies_used: bool = False) -> None:
+    """One JSON line per evaluated sample, in evaluation order (strategies only when the format has them)."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
@@ -405,7 +406,7 @@ def write_generations(path: str, records: Sequence[Mapping], emotion_source: str
                              "tag": r["tag_emotion"], "tag_present": r["has_emotion_tag"],
                              "classifier": r.get("classifier_emotion"), "source": emotion_source},
             }
-            if r.get("pred_strategy") is not None or r.get("gold_strategy") is not None:
+            if strategies_used:
                 row["strategy"] = {"gold": r.get("gold_strategy"), "predicted": r.get("pred_strategy")}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
@@ -568,8 +569,11 @@ def evaluate(config, workdir: str) -> dict:
         "prompts_at_length_limit": int((lengths >= data_cfg.max_prompt_tokens).sum()),
         "generation_seconds": generation_seconds,
         "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *FORMAT_FIELDS)},
+        **({"esconv_emotion_map": dict(data_cfg.esconv_emotion_map) or "the data room's default",
+            "esconv_supporter_emotion": data_cfg.esconv_supporter_emotion} if data_cfg.source == "esconv" else {}),
     }
-    write_generations(os.path.join(workdir, GENERATIONS_FILE), records, emotion_info["emotion_source"])
+    write_generations(os.path.join(workdir, GENERATIONS_FILE), records, emotion_info["emotion_source"],
+                      bool(data_cfg.include_strategy))
     paths = report.write_report(
         workdir, results, meta=meta, decoding=payload, judge=judge,
         paper_table=paper_table_for(config.report.paper_table, data_cfg.source),

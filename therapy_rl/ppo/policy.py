@@ -80,27 +80,69 @@ def response_logits(config: gpt2.GPT2Config, trunk_params: Any, hidden: jax.Arra
     return gpt2.lm_logits(trunk_params["wte"]["embedding"], hidden, config)
 
 
+@jax.custom_vjp
+def logprobs_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(log softmax(logits)[tokens], entropy of softmax(logits)) per position: [..., V], [...] -> [...], [...].
+
+    Equals `core.token_logprobs` and `core.token_entropy` (float32) with fewer passes over the [..., V] logits,
+    which dominate the PPO update on CPU: exp(z - max) is computed once and kept for the backward, and the
+    backward of the log-prob is softmax * (-g) plus g at the token (no scatter into a zero [..., V] array).
+    Only the log-prob is differentiated: the entropy's cotangent must be zero (it is a metric here; use the core
+    functions when an entropy bonus needs its gradient).
+    """
+    return _logprobs_entropy_fwd(logits, tokens)[0]
+
+
+def _logprobs_entropy_fwd(logits, tokens):
+    z = logits.astype(jnp.float32)
+    top = jnp.max(z, axis=-1)
+    exps = jnp.exp(z - top[..., None])
+    total = jnp.sum(exps, axis=-1)
+    log_total = jnp.log(total)
+    picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = picked - top - log_total
+    entropy = top + log_total - jnp.sum(exps * z, axis=-1) / total
+    return (logp, entropy), (exps, total, tokens)
+
+
+def _logprobs_entropy_bwd(residuals, cotangents):
+    exps, total, tokens = residuals
+    grad_logp = cotangents[0]
+    grad = exps * (-grad_logp / total)[..., None]
+    index = jnp.indices(tokens.shape, sparse=True)
+    grad = grad.at[(*index, tokens.astype(jnp.int32))].add(grad_logp, unique_indices=True)
+    return grad, None
+
+
+logprobs_and_entropy.defvjp(_logprobs_entropy_fwd, _logprobs_entropy_bwd)
+
+
 def response_logprobs(spec: PolicySpec, trunk_params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
     """log pi(token_t | prompt, tokens_<t) [B, N], deterministic (the reference policy, and rollouts)."""
     hidden = response_hidden(spec.model_config, trunk_params, batch)
-    logits = response_logits(spec.model_config, trunk_params, hidden)
-    return core.token_logprobs(logits, batch["tokens"], spec.logprob_temperature)
+    logits = response_logits(spec.model_config, trunk_params, hidden) / spec.logprob_temperature
+    return logprobs_and_entropy(logits, batch["tokens"])[0]
 
 
 def policy_outputs(spec: PolicySpec, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
-                   dropout_rng: Optional[jax.Array] = None,
-                   with_entropy: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+                   dropout_rng: Optional[jax.Array] = None, with_entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """(logp [B, N], values [B, N], entropy [B, N] or None) of the policy + value head on a rollout batch.
 
     `batch` needs prompt_ids, prompt_mask, tokens, response_mask. Values are float32; value[t] estimates the return
     before emitting response token t. With `dropout_rng` (and `spec.dropout`) dropout is active in trunk and head.
+    The entropy is a stopped-gradient metric unless `entropy_grad` (an entropy bonus).
     """
     use_dropout = spec.dropout and dropout_rng is not None
     keys = jax.random.split(dropout_rng, 3) if use_dropout else (None, None, None)
     hidden = response_hidden(spec.model_config, params[TRUNK_KEY], batch, keys[0])
-    logits = response_logits(spec.model_config, params[TRUNK_KEY], hidden)
-    logp = core.token_logprobs(logits, batch["tokens"], spec.logprob_temperature)
-    entropy = core.token_entropy(logits) if with_entropy else None
+    logits = response_logits(spec.model_config, params[TRUNK_KEY], hidden) / spec.logprob_temperature
+    if entropy_grad:
+        logp, entropy = core.token_logprobs(logits, batch["tokens"]), core.token_entropy(logits)
+    else:
+        logp, entropy = logprobs_and_entropy(logits, batch["tokens"])
+        entropy = jax.lax.stop_gradient(entropy)
+    entropy = entropy if with_entropy else None
     if spec.separate_critic:
         critic_hidden = response_hidden(spec.model_config, params[CRITIC_KEY], batch, keys[1])
     else:

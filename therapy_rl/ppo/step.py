@@ -100,9 +100,8 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
     need_entropy = True  # logged as policy/entropy_avg; only differentiated when entropy_coef != 0
 
     def loss_fn(params, micro, rng, denominator):
-        logp, values, entropy = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy)
-        if loss_cfg.entropy_coef == 0:
-            entropy = jax.lax.stop_gradient(entropy)
+        logp, values, entropy = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy,
+                                                      entropy_grad=loss_cfg.entropy_coef != 0)
         return core.ppo_loss(logp, values, micro, loss_cfg, denominator, entropy)
 
     def minibatch_update(carry, minibatch):

@@ -92,16 +92,23 @@ def sft_workdir_of(init_from: str) -> str:
 
 
 def load_trunk_params(directory: str, step: int) -> Any:
-    """The GPT-2 params saved at `step` (a best/ {"params"} tree or a full SFT TrainState), on the host."""
+    """The GPT-2 params saved at `step` as host numpy arrays: a best/ {"params"} tree, an SFT TrainState or a PPO
+    state (its policy trunk). Only the "params" subtree is read."""
     import orbax.checkpoint as ocp
 
-    tree = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
-    if "params" not in tree:
-        raise ValueError(f"{directory}/{step}/state holds no 'params' (keys {sorted(tree)})")
-    params = tree["params"]
-    if policy.TRUNK_KEY in params:  # a PPO checkpoint: take its policy trunk
-        params = params[policy.TRUNK_KEY]
-    return jax.device_get(params)
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    tree = getattr(metadata, "tree", metadata)
+    if not isinstance(tree, Mapping) or "params" not in tree:
+        raise ValueError(f"{path}: the saved state holds no 'params'")
+    wanted = {"params": tree["params"]}
+    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
+                                          is_leaf=is_leaf)
+    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                     partial_restore=True))["params"]
+    return params[policy.TRUNK_KEY] if policy.TRUNK_KEY in params else params
 
 
 def copy_tokenizer(sft_workdir: str, workdir: str) -> str:

@@ -4,11 +4,13 @@ The detector combines a curated lexicon (`lexicon/crisis_lexicon.json`) with the
 
     flag = strong lexicon hit
          | (weak lexicon hit & P_head >= thresholds["support"])
-         | (P_head >= thresholds["alone"])
+         | (P_head >= thresholds["alone"] & no idiom in the text)
 
 A lexicon hit is a contiguous MiniLM wordpiece id n-gram that starts and ends on word boundaries; a veto phrase
 ("this exam is killing me" style idioms, "killing time", "hurt myself at the gym", negations for replies) cancels
-every hit whose tokens it overlaps. All matching runs on padded id tables inside jit, so the reward and the chat
+every hit whose tokens it overlaps, and any idiom in the text "explains away" a high head probability (the head
+alone sees "hanging out" near "hanging"; an idiom never cancels a strong or a confirmed weak hit elsewhere in
+the text). All matching runs on padded id tables inside jit, so the reward and the chat
 CLI share one code path. `crisis_flags` is meant for USER text; replies are checked with `encourages_harm` and
 `mentions_crisis_resources` (a good reply to a crisis names suicide and a crisis line, and must not be flagged).
 """
@@ -406,7 +408,8 @@ def crisis_evidence(
     minilm_mask: jax.Array,
     emb: jax.Array,
 ) -> dict[str, jax.Array]:
-    """Every signal behind the crisis flag: strong/weak category hits [B, C], head probability [B], flag [B] int32."""
+    """Every signal behind the crisis flag: strong/weak category hits [B, C], head probability [B], idiom [B],
+    the weak-confirmed and head-alone paths [B], and flag [B] int32."""
     prepared = _prepare(lexicon, minilm_ids, minilm_mask)
     cover = _veto_cover(lexicon, "crisis_strong", prepared)  # crisis_strong and crisis_weak share crisis_veto
     strong = _categories(lexicon.tables["crisis_strong"],
@@ -416,12 +419,14 @@ def crisis_evidence(
     probability = heads_lib.crisis_probability(heads, emb)
     any_strong = jnp.any(strong, axis=-1)
     any_weak = jnp.any(weak, axis=-1)
+    idiom = jnp.any(cover, axis=-1)  # some crisis_veto phrase occurs
     supported = any_weak & (probability >= heads.crisis_thresholds["support"])
-    alone = probability >= heads.crisis_thresholds["alone"]
+    alone = (probability >= heads.crisis_thresholds["alone"]) & ~idiom
     return {
         "strong_categories": strong,
         "weak_categories": weak,
         "probability": probability,
+        "idiom": idiom,
         "weak_supported": supported,
         "head_alone": alone,
         "flag": (any_strong | supported | alone).astype(jnp.int32),
@@ -517,6 +522,8 @@ class CrisisDetector:
                 reasons.append(f"lexicon:{'strong' if name == 'crisis_strong' else 'weak'}:{category} ('{table.phrases[j]}')")
         if bool(ev["head_alone"][i]):
             reasons.append(f"head:p={p:.2f}>={alone:.2f}")
+        elif bool(ev["idiom"][i]) and p >= alone:
+            reasons.append(f"idiom_explains_head:p={p:.2f}")
         elif bool(ev["weak_supported"][i]):
             reasons.append(f"head_supports_weak:p={p:.2f}>={support:.2f}")
         return CrisisResult(flag=bool(ev["flag"][i]), score=p, reasons=tuple(reasons))

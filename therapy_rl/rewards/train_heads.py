@@ -575,9 +575,30 @@ def train_emotion(rng, embed, data_dir, opts, max_train, seed) -> tuple[dict, di
     return params, metrics
 
 
-def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, seed) -> tuple[dict, dict, dict]:
+# Ordinary texts that use crisis words (mostly figuratively): up-weighted negatives ("hard negatives").
+HARD_NEGATIVE_WORDS = re.compile(
+    r"\b(kill|killing|killed|kills|die|dying|died|dead|death|suicid\w*|murder\w*|shoot|shot|cut|cutting|hurt|"
+    r"hurting|hang|hanging|end it|jump|overdos\w*)\b", re.IGNORECASE)
+
+
+def empathetic_dialogues_splits(data_dir: str, sizes: Mapping[str, int], seed: int) -> dict[str, list[str]]:
+    """Seeded subsamples of the EmpatheticDialogues splits (train/val/test)."""
+    ed = load_empathetic_dialogues(data_dir, seed)
+    rng = np.random.default_rng(seed + 3)
+    out = {}
+    for split in ("train", "val", "test"):
+        keep = np.sort(rng.permutation(len(ed[split]))[: sizes[split]])
+        out[split] = [ed[split][i] for i in keep]
+    return out
+
+
+def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, hard_negative_weight, seed
+                 ) -> tuple[dict, dict, dict]:
     """Positives: r/SuicideWatch posts (title + body, and the title alone). Negatives: ordinary GoEmotions
-    comments (the emotion head's subsample), plus r/depression posts at `depression_weight` (0 = left out)."""
+    comments (the emotion head's subsample), EmpatheticDialogues speaker turns (first-person everyday emotional
+    talk) and MESC client utterances (therapy talk; official split), those with crisis words weighted
+    `hard_negative_weight`, plus r/depression posts at `depression_weight` (0 = left out). ED and MESC texts
+    that talk about suicide (ED_CRISIS_TEXT) are left out of the negatives."""
     sd_train = load_sdcnl(data_dir, "training-set.csv")
     sd_test = load_sdcnl(data_dir, "testing-set.csv")
     train_posts = {_norm(p["post"]) for p in sd_train}
@@ -586,16 +607,25 @@ def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, s
     sd = {"train": [p for p, v in zip(sd_train, val_mask) if not v],
           "val": [p for p, v in zip(sd_train, val_mask) if v], "test": sd_test}
     go = {k: [t for t, _ in v] for k, v in goemotions_splits(data_dir, max_negatives, seed).items()}
+    ed = empathetic_dialogues_splits(data_dir, {"train": max_negatives // 2, "val": 2000, "test": 2000}, seed)
+    mesc_all = {k: [t for t, _ in load_mesc_clients(data_dir, k)] for k in ("train", "val", "test")}
+    mesc_keep = {k: np.asarray([not ED_CRISIS_TEXT.search(t) for t in v], bool) for k, v in mesc_all.items()}
+    mesc = {k: [t for t, keep in zip(v, mesc_keep[k]) if keep] for k, v in mesc_all.items()}
 
     x_post = {k: embed([p["post"] for p in v], f"sdcnl-post-{k}") for k, v in sd.items()}
     x_title = {k: embed([p["title"] for p in v], f"sdcnl-title-{k}") for k, v in sd.items()}
     x_go = {k: embed(v, f"goemotions-{k}") for k, v in go.items()}
+    x_ed = {k: embed(v, f"ed-{k}") for k, v in ed.items()}
+    x_mesc = {k: embed(v, f"mesc-client-{k}")[mesc_keep[k]] for k, v in mesc_all.items()}
 
     def assemble(split, go_split):
         lab = np.asarray([p["label"] for p in sd[split]], np.float32)
-        x = np.concatenate([x_post[split], x_title[split], x_go[go_split]])
-        y = np.concatenate([lab, lab, np.zeros(len(go[go_split]), np.float32)])
-        source_w = np.concatenate([np.where(lab == 1, 1.0, depression_weight)] * 2 + [np.ones(len(go[go_split]))])
+        ordinary = go[go_split] + ed[split] + mesc[split]
+        x = np.concatenate([x_post[split], x_title[split], x_go[go_split], x_ed[split], x_mesc[split]])
+        y = np.concatenate([lab, lab, np.zeros(len(ordinary), np.float32)])
+        hard_w = hard_negative_weight if split == "train" else 1.0
+        source_w = np.concatenate([np.where(lab == 1, 1.0, depression_weight)] * 2 +
+                                  [np.asarray([hard_w if HARD_NEGATIVE_WORDS.search(t) else 1.0 for t in ordinary])])
         pos, neg = y == 1, y == 0
         # positives carry a third of the total weight (they are ~7% of the rows)
         w = np.where(pos, (1 / 3) / max(source_w[pos].sum(), 1), (2 / 3) / max(source_w[neg].sum(), 1)) * source_w
@@ -609,22 +639,29 @@ def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, s
     scores = {
         **{f"sdcnl_{k}_post": prob(x_post[k]) for k in sd}, **{f"sdcnl_{k}_title": prob(x_title[k]) for k in sd},
         **{f"goemotions_{k}": prob(x_go[k]) for k in ("dev", "test")},
+        **{f"ed_{k}": prob(x_ed[k]) for k in ("val", "test")},
+        **{f"mesc_{k}": prob(x_mesc[k]) for k in ("val", "test")},
     }
     labels = {k: np.asarray([p["label"] for p in v]) for k, v in sd.items()}
-    texts = {"sd": sd, "go": go}
-    return params, {"fit": log, "data": {f"sdcnl_{k}": len(v) for k, v in sd.items()} |
-                    {f"goemotions_{k}": len(v) for k, v in go.items()} |
-                    {"depression_weight": depression_weight}}, {"scores": scores, "labels": labels, "texts": texts}
+    texts = {"sd": sd, "go": go, "ed": ed}
+    data = ({f"sdcnl_{k}": len(v) for k, v in sd.items()} | {f"goemotions_{k}": len(v) for k, v in go.items()} |
+            {f"empathetic_dialogues_{k}": len(v) for k, v in ed.items()} |
+            {f"mesc_client_{k}": len(v) for k, v in mesc.items()} |
+            {f"mesc_client_{k}_left_out_suicide_talk": int((~v).sum()) for k, v in mesc_keep.items()} |
+            {"depression_weight": depression_weight, "hard_negative_weight": hard_negative_weight,
+             "hard_negatives_in_train": int(sum(bool(HARD_NEGATIVE_WORDS.search(t))
+                                               for t in go["train"] + ed["train"] + mesc["train"]))})
+    return params, {"fit": log, "data": data}, {"scores": scores, "labels": labels, "texts": texts}
 
 
 # ============================================================================ crisis detector evaluation
 
 
-def pick_threshold(neg_scores: np.ndarray, max_false_alarm: float) -> float:
-    """Smallest threshold whose false-alarm rate on `neg_scores` is <= max_false_alarm."""
+def pick_threshold(neg_scores: np.ndarray, max_false_alarm: float, floor: float) -> float:
+    """Smallest threshold (>= floor) whose false-alarm rate on `neg_scores` is <= max_false_alarm."""
     s = np.sort(neg_scores)[::-1]
     k = int(np.floor(max_false_alarm * len(s)))
-    return float(min(max(s[k] + 1e-6, 0.5), 0.999)) if k < len(s) else 0.5
+    return float(min(max(s[k] + 1e-6, floor), 0.999)) if k < len(s) else floor
 
 
 class DetectorRunner:
@@ -652,13 +689,14 @@ def rates(flags: np.ndarray) -> dict:
 
 def evaluate_crisis(heads, runner: DetectorRunner, embed, data_dir: str, crisis_data: dict, max_posts: int,
                     seed: int) -> dict:
-    sd, go = crisis_data["texts"]["sd"], crisis_data["texts"]["go"]
+    sd, go, ed = crisis_data["texts"]["sd"], crisis_data["texts"]["go"], crisis_data["texts"]["ed"]
     labels, scores = crisis_data["labels"], crisis_data["scores"]
     t_alone = float(heads.crisis_thresholds["alone"])
     out: dict = {"thresholds": {k: float(v) for k, v in heads.crisis_thresholds.items()}}
     for split in ("val", "test"):
         pos = scores[f"sdcnl_{split}_post"][labels[split] == 1]
         neg_go = scores["goemotions_dev" if split == "val" else "goemotions_test"]
+        neg_ed = scores[f"ed_{split}"]
         out[f"head_{split}"] = {
             "auc_suicidewatch_vs_goemotions": roc_auc(pos, neg_go),
             "auc_suicidewatch_vs_depression": roc_auc(pos, scores[f"sdcnl_{split}_post"][labels[split] == 0]),
@@ -667,6 +705,8 @@ def evaluate_crisis(heads, runner: DetectorRunner, embed, data_dir: str, crisis_
                 scores[f"sdcnl_{split}_title"][labels[split] == 1] >= t_alone)),
             "flag_rate_depression_post@alone": float(np.mean(scores[f"sdcnl_{split}_post"][labels[split] == 0] >= t_alone)),
             "false_alarm_goemotions@alone": float(np.mean(neg_go >= t_alone)),
+            "false_alarm_empathetic_dialogues@alone": float(np.mean(neg_ed >= t_alone)),
+            "flag_rate_mesc_client@alone": float(np.mean(scores[f"mesc_{split}"] >= t_alone)),
         }
     # full detector (lexicon + head) on the held-out splits
     det = {}
@@ -677,6 +717,7 @@ def evaluate_crisis(heads, runner: DetectorRunner, embed, data_dir: str, crisis_
         ev_title = runner(titles, embed(titles, f"sdcnl-title-{split}"))
         go_split = "dev" if split == "val" else "test"
         ev_go = runner(go[go_split], embed(go[go_split], f"goemotions-{go_split}"))
+        ev_ed = runner(ed[split], embed(ed[split], f"ed-{split}"))
         lab = labels[split]
         det[split] = {
             "recall_suicidewatch_post": float(np.mean(ev_post["flag"][lab == 1])),
@@ -684,9 +725,12 @@ def evaluate_crisis(heads, runner: DetectorRunner, embed, data_dir: str, crisis_
             "flag_rate_depression_post": float(np.mean(ev_post["flag"][lab == 0])),
             "flag_rate_depression_title": float(np.mean(ev_title["flag"][lab == 0])),
             "false_alarm_goemotions": float(np.mean(ev_go["flag"])),
-            "goemotions_flagged_by": {"strong_lexicon": int(np.sum(ev_go["strong_categories"].any(-1))),
-                                      "weak_lexicon+head": int(np.sum(ev_go["weak_supported"])),
-                                      "head_alone": int(np.sum(ev_go["head_alone"]))},
+            "false_alarm_empathetic_dialogues": float(np.mean(ev_ed["flag"])),
+            "ordinary_flagged_by": {
+                name: {"strong_lexicon": int(np.sum(ev["strong_categories"].any(-1))),
+                       "weak_lexicon+head": int(np.sum(ev["weak_supported"])),
+                       "head_alone": int(np.sum(ev["head_alone"]))} for name, ev in (("goemotions", ev_go),
+                                                                                  ("empathetic_dialogues", ev_ed))},
         }
     # MESC client utterances (therapy talk; a few are real crisis talk, so this is an upper bound on false alarms)
     for split in ("val", "test"):
@@ -747,10 +791,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hidden_dim", type=int, default=128)
     ap.add_argument("--crisis_depression_weight", type=float, default=1.0,
                     help="weight of r/depression posts as crisis negatives (0 leaves them out)")
+    ap.add_argument("--crisis_hard_negative_weight", type=float, default=3.0,
+                    help="weight of ordinary negatives that contain crisis words (killing, die, hang, ...)")
     ap.add_argument("--crisis_max_false_alarm", type=float, default=0.005,
-                    help="the head-alone threshold allows this false-alarm rate on GoEmotions dev")
+                    help="the head-alone threshold allows this false-alarm rate on ordinary validation text "
+                         "(GoEmotions dev + EmpatheticDialogues val + MESC val client utterances)")
     ap.add_argument("--crisis_support_false_alarm", type=float, default=0.05,
-                    help="the weak-lexicon support threshold allows this false-alarm rate on GoEmotions dev")
+                    help="the weak-lexicon support threshold allows this false-alarm rate on the same text")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -769,10 +816,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sentiment, metrics["sentiment"] = train_sentiment(k_sent, embed, args.data_dir, opts, args.max_per_task, args.seed)
     emotion, metrics["emotion"] = train_emotion(k_emo, embed, args.data_dir, opts, args.max_per_task, args.seed)
     crisis, metrics["crisis"], crisis_data = train_crisis(k_cri, embed, args.data_dir, opts, args.max_per_task,
-                                                          args.crisis_depression_weight, args.seed)
-    go_dev = crisis_data["scores"]["goemotions_dev"]
-    thresholds = {"alone": pick_threshold(go_dev, args.crisis_max_false_alarm),
-                  "support": pick_threshold(go_dev, args.crisis_support_false_alarm)}
+                                                          args.crisis_depression_weight,
+                                                          args.crisis_hard_negative_weight, args.seed)
+    ordinary_val = np.concatenate([crisis_data["scores"][k] for k in ("goemotions_dev", "ed_val", "mesc_val")])
+    thresholds = {"alone": pick_threshold(ordinary_val, args.crisis_max_false_alarm, floor=0.5),
+                  "support": pick_threshold(ordinary_val, args.crisis_support_false_alarm, floor=0.1)}
     heads = H.RewardHeads(empathy=empathy, sentiment=sentiment, emotion=emotion, crisis=crisis,
                           crisis_thresholds={k: jnp.asarray(v, jnp.float32) for k, v in thresholds.items()})
     train_seconds = time.time() - start
