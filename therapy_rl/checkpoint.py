@@ -121,14 +121,34 @@ def read_tree_as_numpy(item_dir: str) -> Any:
     return checkpointer.restore(item_dir, restore_args=restore_args)
 
 
-def load_params(path: str, prefer: str = "best", step: int | None = None) -> tuple[Any, str]:
-    """Model params from a run workdir (its ``best/`` by default, else ``checkpoints/``) or a manager folder.
+POLICY_TRUNK_KEY = "trunk"  # a PPO state keeps the GPT-2 params under params["trunk"]
 
-    Returns (params as numpy, description of where they came from).
+
+def read_params_as_numpy(item_dir: str) -> Any:
+    """Only the ``params`` subtree of a saved item, as host numpy (no optimizer state is read). A PPO state's
+    policy trunk is unwrapped, so SFT and PPO checkpoints give the same GPT-2 params layout."""
+    import numpy as np
+
+    checkpointer = ocp.PyTreeCheckpointer()
+    item_metadata = checkpointer.metadata(item_dir).item_metadata
+    tree = getattr(item_metadata, "tree", item_metadata)
+    if not isinstance(tree, dict) or "params" not in tree:
+        keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+        raise ValueError(f"{item_dir}: the saved state holds no 'params' (has {keys})")
+    wanted = {"params": tree["params"]}
+    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted, is_leaf=is_leaf)
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                                          partial_restore=True))
+    params = restored["params"]
+    return params[POLICY_TRUNK_KEY] if POLICY_TRUNK_KEY in params else params
+
+
+def load_params(path: str, prefer: str = "best", step: int | None = None) -> tuple[Any, str]:
+    """GPT-2 params from a run workdir (its ``best/`` by default, else ``checkpoints/``) or a manager folder.
+
+    Returns (params as numpy, "<manager dir>/<step>").
     """
     directory = find_checkpoint_dir(path, prefer=prefer)
     step = Checkpointer(directory).latest_step() if step is None else step
-    tree = read_tree_as_numpy(os.path.join(directory, str(step), "state"))
-    if "params" not in tree:
-        raise ValueError(f"{directory}/{step}: checkpoint has no 'params' entry (keys: {sorted(tree)})")
-    return tree["params"], f"{directory}/{step}"
+    return read_params_as_numpy(os.path.join(directory, str(step), "state")), f"{directory}/{step}"

@@ -38,7 +38,6 @@ EVAL_OWN_FIELDS = ("max_eval_samples", "max_train_samples")
 SPLITS = ("val", "test")
 EMOTION_SOURCES = ("auto", "tag", "classifier")
 GENERATIONS_FILE = "generations.jsonl"
-PPO_TRUNK_KEY = "trunk"  # a PPO checkpoints/ state keeps the policy trunk under params["trunk"]
 SEARCH_KEY, EVAL_KEY = 1, 2  # fold_in constants of the two sampling streams
 
 
@@ -81,27 +80,10 @@ def resolve_checkpoint(path: str, which: str = "best", step: int = -1) -> Checkp
 def load_params(ref: CheckpointRef) -> Any:
     """The GPT-2 params of a checkpoint as host numpy arrays, whatever its layout: best/ ({"params"}), an SFT
     TrainState or a PPO state (params["trunk"]). Only the "params" subtree is read."""
-    import orbax.checkpoint as ocp
+    from therapy_rl import checkpoint
 
-    path = os.path.join(ref.directory, str(ref.step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
     with _quiet_absl():  # orbax warns that a sub-item has no _CHECKPOINT_METADATA of its own: expected here
-        metadata = checkpointer.metadata(path).item_metadata
-    tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-        raise ValueError(f"{path}: the saved state holds no 'params' (has {keys})")
-    wanted = {"params": tree["params"]}
-    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
-                                          is_leaf=is_leaf)
-    with _quiet_absl():
-        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                                                           partial_restore=True))
-    params = restored["params"]
-    if PPO_TRUNK_KEY in params:
-        params = params[PPO_TRUNK_KEY]
-    return params
+        return checkpoint.read_params_as_numpy(os.path.join(ref.directory, str(ref.step), "state"))
 
 
 @contextlib.contextmanager

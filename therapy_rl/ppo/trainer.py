@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
