@@ -314,7 +314,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Runs (or resumes) PPO in `workdir` from the SFT run `config.init_from`; returns the last validation metrics."""
     from therapy_rl import checkpoint, parallel, replies, run_files, sft
     from therapy_rl.data import batches, pipeline, tokenize
-    from therapy_rl.metrics_writer import MetricsWriter
+    from therapy_rl import metrics_writer
     from therapy_rl.models import gpt2
 
     os.makedirs(workdir, exist_ok=True)
@@ -405,8 +405,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         config, total_iterations * hyper.num_epochs * hyper.num_minibatches))
     updates_per_iteration = hyper.num_epochs * hyper.num_minibatches
     iteration = int(state.step)
-    writer = MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
-                           enable_progress_bar=config.progress_bar)
+    if not resuming and jax.process_index() == 0:  # a run killed before its first checkpoint starts over cleanly
+        metrics_writer.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), -1)
+    writer = metrics_writer.MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
+                                          enable_progress_bar=config.progress_bar)
     eval_metrics: dict[str, float] = {}
     if iteration == 0 and config.eval_at_start:  # the SFT policy's validation reward: the baseline to beat
         eval_metrics = validate(0)

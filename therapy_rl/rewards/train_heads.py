@@ -592,13 +592,41 @@ def empathetic_dialogues_splits(data_dir: str, sizes: Mapping[str, int], seed: i
     return out
 
 
-def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, hard_negative_weight, seed
-                 ) -> tuple[dict, dict, dict]:
+SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def split_sentences(text: str, min_words: int = 3, max_words: int = 60) -> list[str]:
+    return [s.strip() for s in SENTENCE_SPLIT.split(text) if min_words <= len(s.split()) <= max_words]
+
+
+def strong_lexicon_hits(lexicon: S.SafetyLexicon, encoder, texts: Sequence[str], length: int = 64,
+                        batch: int = 256) -> np.ndarray:
+    """[N] bool: the text has an (unvetoed) crisis_strong lexicon hit."""
+    fn = jax.jit(lambda lex, ids, mask: jnp.any(S.category_hits(lex, "crisis_strong", ids, mask), axis=-1))
+    out = []
+    for i in range(0, len(texts), batch):
+        chunk = list(texts[i : i + batch])
+        ids, mask = encoder.tokenize(chunk + [""] * (batch - len(chunk)), length)
+        out.append(np.asarray(fn(lexicon, ids, mask))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros(0, bool)
+
+
+def mined_crisis_sentences(lexicon, encoder, posts: Sequence[dict]) -> list[str]:
+    """Sentences of r/SuicideWatch and r/depression posts with a strong crisis-lexicon hit: short, chat-like
+    positives ("I just want to die."), so the head also learns paraphrases of what the lexicon lists."""
+    sentences = list(dict.fromkeys(s for p in posts for s in split_sentences(p["post"])))
+    hits = strong_lexicon_hits(lexicon, encoder, sentences)
+    return [s for s, h in zip(sentences, hits) if h]
+
+
+def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, hard_negative_weight, seed,
+                 lexicon: S.SafetyLexicon | None = None) -> tuple[dict, dict, dict]:
     """Positives: r/SuicideWatch posts (title + body, and the title alone). Negatives: ordinary GoEmotions
     comments (the emotion head's subsample), EmpatheticDialogues speaker turns (first-person everyday emotional
     talk) and MESC client utterances (therapy talk; official split), those with crisis words weighted
     `hard_negative_weight`, plus r/depression posts at `depression_weight` (0 = left out). ED and MESC texts
-    that talk about suicide (ED_CRISIS_TEXT) are left out of the negatives."""
+    that talk about suicide (ED_CRISIS_TEXT) are left out of the negatives. With `lexicon`, sentences of the
+    sdcnl posts (train / val split respectively) that carry a strong lexicon hit are added as positives."""
     sd_train = load_sdcnl(data_dir, "training-set.csv")
     sd_test = load_sdcnl(data_dir, "testing-set.csv")
     train_posts = {_norm(p["post"]) for p in sd_train}
@@ -617,14 +645,20 @@ def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, h
     x_go = {k: embed(v, f"goemotions-{k}") for k, v in go.items()}
     x_ed = {k: embed(v, f"ed-{k}") for k, v in ed.items()}
     x_mesc = {k: embed(v, f"mesc-client-{k}")[mesc_keep[k]] for k, v in mesc_all.items()}
+    mined = {k: mined_crisis_sentences(lexicon, embed.encoder, sd[k]) if lexicon is not None else []
+             for k in ("train", "val")}
+    x_mined = {k: embed(v, f"sdcnl-mined-{k}") if v else np.zeros((0, H.EMBED_DIM), np.float32)
+               for k, v in mined.items()}
 
     def assemble(split, go_split):
         lab = np.asarray([p["label"] for p in sd[split]], np.float32)
         ordinary = go[go_split] + ed[split] + mesc[split]
-        x = np.concatenate([x_post[split], x_title[split], x_go[go_split], x_ed[split], x_mesc[split]])
-        y = np.concatenate([lab, lab, np.zeros(len(ordinary), np.float32)])
+        n_mined = len(mined[split])
+        x = np.concatenate([x_post[split], x_title[split], x_mined[split], x_go[go_split], x_ed[split],
+                            x_mesc[split]])
+        y = np.concatenate([lab, lab, np.ones(n_mined, np.float32), np.zeros(len(ordinary), np.float32)])
         hard_w = hard_negative_weight if split == "train" else 1.0
-        source_w = np.concatenate([np.where(lab == 1, 1.0, depression_weight)] * 2 +
+        source_w = np.concatenate([np.where(lab == 1, 1.0, depression_weight)] * 2 + [np.ones(n_mined)] +
                                   [np.asarray([hard_w if HARD_NEGATIVE_WORDS.search(t) else 1.0 for t in ordinary])])
         pos, neg = y == 1, y == 0
         # positives carry a third of the total weight (they are ~7% of the rows)
@@ -647,6 +681,7 @@ def train_crisis(rng, embed, data_dir, opts, max_negatives, depression_weight, h
     data = ({f"sdcnl_{k}": len(v) for k, v in sd.items()} | {f"goemotions_{k}": len(v) for k, v in go.items()} |
             {f"empathetic_dialogues_{k}": len(v) for k, v in ed.items()} |
             {f"mesc_client_{k}": len(v) for k, v in mesc.items()} |
+            {f"mined_positive_sentences_{k}": len(v) for k, v in mined.items()} |
             {f"mesc_client_{k}_left_out_suicide_talk": int((~v).sum()) for k, v in mesc_keep.items()} |
             {"depression_weight": depression_weight, "hard_negative_weight": hard_negative_weight,
              "hard_negatives_in_train": int(sum(bool(HARD_NEGATIVE_WORDS.search(t))
@@ -793,6 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="weight of r/depression posts as crisis negatives (0 leaves them out)")
     ap.add_argument("--crisis_hard_negative_weight", type=float, default=3.0,
                     help="weight of ordinary negatives that contain crisis words (killing, die, hang, ...)")
+    ap.add_argument("--crisis_mine_sentences", type=int, default=1,
+                    help="1: add sdcnl sentences with a strong lexicon hit as crisis positives")
     ap.add_argument("--crisis_max_false_alarm", type=float, default=0.005,
                     help="the head-alone threshold allows this false-alarm rate on ordinary validation text "
                          "(GoEmotions dev + EmpatheticDialogues val + MESC val client utterances)")
@@ -815,9 +852,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     empathy, metrics["empathy"] = train_empathy(k_emp, embed, args.data_dir, opts, args.seed)
     sentiment, metrics["sentiment"] = train_sentiment(k_sent, embed, args.data_dir, opts, args.max_per_task, args.seed)
     emotion, metrics["emotion"] = train_emotion(k_emo, embed, args.data_dir, opts, args.max_per_task, args.seed)
+    lexicon = S.build_safety_lexicon(embed.encoder.tokenizer)
     crisis, metrics["crisis"], crisis_data = train_crisis(k_cri, embed, args.data_dir, opts, args.max_per_task,
                                                           args.crisis_depression_weight,
-                                                          args.crisis_hard_negative_weight, args.seed)
+                                                          args.crisis_hard_negative_weight, args.seed,
+                                                          lexicon if args.crisis_mine_sentences else None)
     ordinary_val = np.concatenate([crisis_data["scores"][k] for k in ("goemotions_dev", "ed_val", "mesc_val")])
     thresholds = {"alone": pick_threshold(ordinary_val, args.crisis_max_false_alarm, floor=0.5),
                   "support": pick_threshold(ordinary_val, args.crisis_support_false_alarm, floor=0.1)}
@@ -825,7 +864,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                           crisis_thresholds={k: jnp.asarray(v, jnp.float32) for k, v in thresholds.items()})
     train_seconds = time.time() - start
 
-    lexicon = S.build_safety_lexicon(embed.encoder.tokenizer)
     runner = DetectorRunner(embed.encoder, heads, lexicon, args.max_length)
     metrics["crisis"].update(evaluate_crisis(heads, runner, embed, args.data_dir, crisis_data,
                                              args.cssrs_max_posts, args.seed))
