@@ -11,6 +11,10 @@ timed steps of the two frameworks alternate, round by round, with square-matmul 
 frameworks in every round, so a change of machine load hits all of them alike. Step times are medians;
 the peaks are the best sample. MFU = flops_per_token(config, seq_len) x tokens/s / matmul peak.
 
+On a machine shared with other jobs the wall-clock numbers depend on the share of the CPU each call got,
+so the process CPU time of every step and matmul is reported too: "GFLOP per CPU-second" and an MFU by
+CPU time (step FLOP per CPU-second over the matmul's FLOP per CPU-second), which are steadier under load.
+
     python bench/sft_step.py --small              # quick smoke run (tiny shape)
     python bench/sft_step.py                      # GPT-2 small (124M), B=8, T=128, float32
     python bench/sft_step.py --dtype bfloat16     # bf16 compute (torch: autocast), bf16 matmul peak
@@ -41,18 +45,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of both models (GPT-2's 0.1)")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul for the peak")
     p.add_argument("--torch-adamw", choices=("default", "foreach", "fused"), default="fused",
-                   help="torch.optim.AdamW implementation (fused is the fastest on this CPU)")
+                   help="torch.optim.AdamW implementation (fused: the least CPU time measured here)")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers (profiling only)")
     p.add_argument("--no-torch", action="store_true", help="time only our step (profiling)")
     p.add_argument("--small", action="store_true", help="tiny model and batch, for a quick smoke run")
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    args.batch_size = args.batch_size or (4 if args.small else 8)
-    args.seq_len = args.seq_len or (64 if args.small else 128)
-    args.steps = args.steps or (3 if args.small else 5)
-    for name in ("batch_size", "seq_len", "steps"):
+    defaults = {"batch_size": (8, 4), "seq_len": (128, 64), "steps": (5, 3)}  # (full, --small)
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else full)
         if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0 or (args.layers is not None and args.layers <= 0):
+        p.error("--warmup must be >= 0 and --layers > 0")
+    if args.seq_len < 2:
+        p.error("--seq-len must be at least 2 (one input and one target token)")
     return args
 
 
@@ -176,9 +184,8 @@ class TorchStep:
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():  # token accuracy, as our step reports it
-            accuracy = ((logits.argmax(-1) == targets).float() * weights).sum() / count
+            self.last_accuracy = float(((logits.argmax(-1) == targets).float() * weights).sum() / count)
         self.last_loss = float(loss.detach())
-        del accuracy
         self.calls += 1
 
     def loss(self) -> float:

@@ -8,7 +8,8 @@ The detector combines a curated lexicon (`lexicon/crisis_lexicon.json`) with the
 
 A lexicon hit is a contiguous MiniLM wordpiece id n-gram that starts and ends on word boundaries; a veto phrase
 ("this exam is killing me" style idioms, "killing time", "hurt myself at the gym", negations for replies) cancels
-every hit whose tokens it overlaps, and any idiom in the text "explains away" a high head probability (the head
+a hit it spans (crisis tables) or overlaps (reply tables, where a negation such as "don't think you
+should" must cancel "you should end it all"; see VETO_MODE), and any idiom in the text "explains away" a high head probability (the head
 alone sees "hanging out" near "hanging"; an idiom never cancels a strong or a confirmed weak hit elsewhere in
 the text). All matching runs on padded id tables inside jit, so the reward and the chat
 CLI share one code path. `crisis_flags` is meant for USER text; replies are checked with `encourages_harm` and
@@ -39,6 +40,10 @@ TABLE_VETO = {
     "harm_encouragement": "harm_veto",
     "harm_veto": None,
 }
+# How a veto cancels a hit: "contain" = the veto phrase spans the whole hit ("killing time" cancels the weak hit
+# "killing", while "want to live in" cannot cancel "don't want to live"); "overlap" = it shares a token with the
+# hit (replies: "don't think you should" cancels "you should end it all").
+VETO_MODE = {"crisis_strong": "contain", "crisis_weak": "contain", "harm_encouragement": "overlap"}
 # Typographic variants folded onto their ASCII token before matching.
 _CANONICAL_CHARS = {"’": "'", "‘": "'", "ʼ": "'", "′": "'", "`": "'", "“": '"', "”": '"', "–": "-", "—": "-"}
 MAX_PHRASES_PER_PATTERN = 5000
@@ -216,9 +221,11 @@ def _table_from_rows(rows: Sequence[Sequence[int]], cats: Sequence[int], names: 
         table[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in rows], np.int32)
     for salt in range(64):
+        hashes = np.zeros(len(rows), np.uint32)
         with np.errstate(over="ignore"):
-            hashes = np.asarray([_ngram_hash(np, table[i : i + 1, : lengths[i]], lengths[i], salt)[0]
-                                 for i in range(len(rows))], np.uint32)
+            for n in np.unique(lengths):  # all rows of one length at once
+                sel = np.flatnonzero(lengths == n)
+                hashes[sel] = _ngram_hash(np, table[sel, :n], n, salt)
         if len(np.unique(hashes)) == len(hashes):
             break
     else:
@@ -271,10 +278,6 @@ def build_safety_lexicon(minilm_tokenizer: Any, lexicon_path: str = LEXICON_FILE
             canonical[vocab[variant]] = vocab[plain]
     tables = {name: _build_table(minilm_tokenizer, phrases[name]) for name in TABLE_VETO}
     return SafetyLexicon(tables=tables, is_continuation=jnp.asarray(is_continuation), canonical_id=jnp.asarray(canonical))
-
-
-# The name combine.py looks up; same function.
-load_safety_lexicon = build_safety_lexicon
 
 
 # ----------------------------------------------------------------------------- matching (jittable)
@@ -355,22 +358,35 @@ def _overlaps(found: jax.Array, covered: jax.Array) -> jax.Array:
     return hit
 
 
-def _veto_cover(lexicon: SafetyLexicon, table_name: str, prepared) -> jax.Array | None:
-    """[B, T] tokens covered by the veto table of `table_name` (None when it has no veto table)."""
+def _contained(found: jax.Array, veto_found: jax.Array) -> jax.Array:
+    """[B, T, W] bool: some veto match [t', t' + n') spans the hit [t, t + w + 1) (t' <= t, t' + n' >= t + w + 1)."""
+    length, width = found.shape[1], found.shape[2]
+    veto_width = veto_found.shape[2]
+    ends = jnp.where(veto_found, jnp.arange(length)[None, :, None] + jnp.arange(1, veto_width + 1)[None, None, :], -1)
+    reach = jax.lax.cummax(jnp.max(ends, axis=-1), axis=1)  # [B, T]: furthest end of a veto starting at <= t
+    hit_end = jnp.arange(length)[None, :, None] + jnp.arange(1, width + 1)[None, None, :]
+    return reach[:, :, None] >= hit_end
+
+
+def _veto_matches(lexicon: SafetyLexicon, table_name: str, prepared) -> jax.Array | None:
+    """[B, T, W'] matches of the veto table of `table_name` (None when it has no veto table)."""
     veto_name = TABLE_VETO[table_name]
     if veto_name is None:
         return None
-    return _covered_tokens(_find_phrases(lexicon.tables[veto_name], *prepared)[0])
+    return _find_phrases(lexicon.tables[veto_name], *prepared)[0]
 
 
 def _live_matches(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array, minilm_mask: jax.Array,
-                  prepared=None, veto_cover=None):
-    """(found [B, T, W], rows [B, T, W]) of `table_name` with vetoed occurrences removed."""
+                  prepared=None, veto_found=None):
+    """(found [B, T, W], rows [B, T, W]) of `table_name` with vetoed occurrences removed (VETO_MODE)."""
     prepared = _prepare(lexicon, minilm_ids, minilm_mask) if prepared is None else prepared
     found, rows = _find_phrases(lexicon.tables[table_name], *prepared)
-    cover = _veto_cover(lexicon, table_name, prepared) if veto_cover is None else veto_cover
-    if cover is not None:
-        found = found & ~_overlaps(found, cover)
+    veto_found = _veto_matches(lexicon, table_name, prepared) if veto_found is None else veto_found
+    if veto_found is not None:
+        if VETO_MODE[table_name] == "contain":
+            found = found & ~_contained(found, veto_found)
+        else:
+            found = found & ~_overlaps(found, _covered_tokens(veto_found))
     return found, rows
 
 
@@ -411,15 +427,15 @@ def crisis_evidence(
     """Every signal behind the crisis flag: strong/weak category hits [B, C], head probability [B], idiom [B],
     the weak-confirmed and head-alone paths [B], and flag [B] int32."""
     prepared = _prepare(lexicon, minilm_ids, minilm_mask)
-    cover = _veto_cover(lexicon, "crisis_strong", prepared)  # crisis_strong and crisis_weak share crisis_veto
+    veto = _veto_matches(lexicon, "crisis_strong", prepared)  # crisis_strong and crisis_weak share crisis_veto
     strong = _categories(lexicon.tables["crisis_strong"],
-                         *_live_matches(lexicon, "crisis_strong", minilm_ids, minilm_mask, prepared, cover))
+                         *_live_matches(lexicon, "crisis_strong", minilm_ids, minilm_mask, prepared, veto))
     weak = _categories(lexicon.tables["crisis_weak"],
-                       *_live_matches(lexicon, "crisis_weak", minilm_ids, minilm_mask, prepared, cover))
+                       *_live_matches(lexicon, "crisis_weak", minilm_ids, minilm_mask, prepared, veto))
     probability = heads_lib.crisis_probability(heads, emb)
     any_strong = jnp.any(strong, axis=-1)
     any_weak = jnp.any(weak, axis=-1)
-    idiom = jnp.any(cover, axis=-1)  # some crisis_veto phrase occurs
+    idiom = jnp.any(veto, axis=(1, 2))  # some crisis_veto phrase occurs
     supported = any_weak & (probability >= heads.crisis_thresholds["support"])
     alone = (probability >= heads.crisis_thresholds["alone"]) & ~idiom
     return {
@@ -531,7 +547,7 @@ class CrisisDetector:
 
 def reference_phrase_hits(
     token_ids: Sequence[int], phrase_ids: Sequence[Sequence[int]], is_continuation: Callable[[int], bool],
-    veto_ids: Sequence[Sequence[int]] = (),
+    veto_ids: Sequence[Sequence[int]] = (), veto_mode: str = "overlap",
 ) -> list[bool]:
     """Plain-Python reference of `phrase_hits` for ONE unpadded sequence (used by tests and docs)."""
 
@@ -546,8 +562,12 @@ def reference_phrase_hits(
                 continue
             yield t
 
-    covered = set()
-    for v in veto_ids:
-        for t in starts(v):
-            covered.update(range(t, t + len(v)))
-    return [any(not covered.intersection(range(t, t + len(p))) for t in starts(p)) for p in phrase_ids]
+    spans = [(t, t + len(v)) for v in veto_ids for t in starts(v)]
+    covered = {i for a, b in spans for i in range(a, b)}
+
+    def vetoed(t, n):
+        if veto_mode == "contain":
+            return any(a <= t and b >= t + n for a, b in spans)
+        return bool(covered.intersection(range(t, t + n)))
+
+    return [any(not vetoed(t, len(p)) for t in starts(p)) for p in phrase_ids]
