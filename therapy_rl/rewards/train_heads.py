@@ -718,10 +718,6 @@ class DetectorRunner:
         return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} if outs else {}
 
 
-def rates(flags: np.ndarray) -> dict:
-    return {"n": int(len(flags)), "flag_rate": float(np.mean(flags)) if len(flags) else float("nan")}
-
-
 def evaluate_crisis(heads, runner: DetectorRunner, embed, data_dir: str, crisis_data: dict, max_posts: int,
                     seed: int) -> dict:
     sd, go, ed = crisis_data["texts"]["sd"], crisis_data["texts"]["go"], crisis_data["texts"]["ed"]
