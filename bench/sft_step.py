@@ -256,29 +256,36 @@ def main(argv=None) -> dict:
               f"torch {peaks['torch'][-1][0] / 1e9:.0f}; load {common.load_average()}")
     sample_peaks()
 
+    round_peak = [max(p[0] for p in peaks["jax"][2 * r: 2 * r + 2]) for r in range(args.steps)]  # just before
     peak = {name: max(p[0] for p in values) for name, values in peaks.items()}
     peak_cpu = {name: max(p[1] for p in values) for name, values in peaks.items()}
     results = {"date": f"{started:%Y-%m-%d %H:%M %Z}", "machine": common.machine_summary(), "argv": sys.argv[1:],
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "params": ours.num_params, "n_layer": config.n_layer,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype, "dropout": args.dropout,
                "flops_per_token": flops_token, "ours_compile_s": ours.compile_seconds,
-               "matmul_peak_flops": peak, "matmul_peak_flops_per_cpu_s": peak_cpu}
+               "matmul_peak_flops": peak, "matmul_peak_flops_per_cpu_s": peak_cpu, "matmul_samples": peaks}
     results["ours"] = _summary("ours", walls["ours"], cpus["ours"], tokens_per_step, flops_token)
     results["mfu"] = results["ours"]["flops_per_s"] / peak["jax"]
+    # Paired by round: each step against the JAX matmul measured just before it (same machine load).
+    results["mfu_by_round"] = common.median(
+        [tokens_per_step * flops_token / wall / p for wall, p in zip(walls["ours"], round_peak)])
     results["mfu_cpu_time"] = results["ours"]["flops_per_cpu_s"] / peak_cpu["jax"]
     if torch_step is not None:
         results["torch"] = _summary("torch", walls["torch"], cpus["torch"], tokens_per_step, flops_token)
         results["torch_mfu"] = results["torch"]["flops_per_s"] / peak["torch"]
         results["ratio"] = results["ours"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
         results["ratio_cpu_time"] = results["ours"]["tokens_per_cpu_s"] / results["torch"]["tokens_per_cpu_s"]
+        # Paired by round: the two steps of a round ran back to back, so their ratio sees the same load.
+        results["ratio_by_round"] = common.median([t / o for o, t in zip(walls["ours"], walls["torch"])])
     print(f"[peak ] {args.peak_size}^3 {args.dtype} matmul, best of {len(peaks['jax'])}: jax {peak['jax'] / 1e9:.1f}, "
           f"torch {peak['torch'] / 1e9:.1f} GFLOP/s (per CPU-second: jax {peak_cpu['jax'] / 1e9:.1f}, "
           f"torch {peak_cpu['torch'] / 1e9:.1f})")
     if torch_step is not None:
         print(f"[torch] MFU {100 * results['torch_mfu']:.1f}% of the torch matmul peak")
-        print(f"ours/torch = {results['ratio']:.2f}x  (by CPU time: {results['ratio_cpu_time']:.2f}x)")
-    print(f"MFU = {100 * results['mfu']:.1f}%  (of the JAX matmul peak; by CPU time: "
-          f"{100 * results['mfu_cpu_time']:.1f}%)")
+        print(f"ours/torch = {results['ratio']:.2f}x  (ratio of medians; median of per-round ratios "
+              f"{results['ratio_by_round']:.2f}x; by CPU time {results['ratio_cpu_time']:.2f}x)")
+    print(f"MFU = {100 * results['mfu']:.1f}%  (median step over the best JAX matmul; per round, over the matmul "
+          f"just before: {100 * results['mfu_by_round']:.1f}%; by CPU time: {100 * results['mfu_cpu_time']:.1f}%)")
     results["load_end"] = common.load_average()
     print(f"[bench] load average at the end: {results['load_end']}")
     if args.json:

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from therapy_rl import chat
 
@@ -35,7 +34,7 @@ def test_session_routes_crisis_to_guard_and_keeps_context():
                                lambda reply: False, context_turns=2)
     first = session.respond("hello there")
     crisis = session.respond("crisis text")
-    third = session.respond("still here", user_emotion="fear")
+    session.respond("still here", user_emotion="fear")
     assert first.source == "model" and first.reply == "model reply" and first.user_emotion == "sadness"
     assert crisis.source == "crisis_guard" and crisis.reply == chat.CRISIS_MESSAGE and crisis.crisis
     assert "988" in chat.CRISIS_MESSAGE

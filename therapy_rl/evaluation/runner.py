@@ -28,11 +28,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from therapy_rl import run_files
 from therapy_rl.evaluation import decoding_search, metrics as metrics_lib
 
-# Data options that define the sequence format a model learned: the evaluation must use the run's values.
-FORMAT_FIELDS = ("include_therapist_emotion", "include_strategy", "context_turns", "user_emotion_from",
-                 "therapist_run")
 # Data options that belong to the evaluation, never inherited from the run (which may have trimmed them for speed).
 EVAL_OWN_FIELDS = ("max_eval_samples", "max_train_samples")
 SPLITS = ("val", "test")
@@ -54,27 +52,8 @@ class CheckpointRef:
 def resolve_checkpoint(path: str, which: str = "best", step: int = -1) -> CheckpointRef:
     """The checkpoint to evaluate: ``path`` is a run workdir (its best/ or checkpoints/ by ``which``) or a manager
     folder; step -1 = the latest step there."""
-    from therapy_rl import checkpoint, run_files
 
-    if not path:
-        raise ValueError("config.checkpoint is empty: pass a run workdir, e.g. --config.checkpoint=/path/to/sft_run")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"config.checkpoint={path!r}: no such folder")
-    if which not in ("best", "last"):
-        raise ValueError(f"config.checkpoint_which={which!r}: expected best or last")
-    directory = checkpoint.find_checkpoint_dir(path, prefer="best" if which == "best" else "checkpoints")
-    steps = checkpoint.Checkpointer(directory).all_steps()
-    chosen = max(steps) if step < 0 else step
-    if chosen not in steps:
-        raise FileNotFoundError(f"config.checkpoint_step={step}: no such step in {directory} (has {sorted(steps)})")
-    run_workdir = None
-    for candidate in (path, os.path.dirname(os.path.abspath(directory))):
-        if os.path.exists(os.path.join(candidate, run_files.RUN_INFO)):
-            run_workdir = candidate
-            break
-    if run_workdir is None:
-        raise FileNotFoundError(f"config.checkpoint={path!r}: no {run_files.RUN_INFO} there or beside {directory}")
-    return CheckpointRef(os.path.abspath(directory), int(chosen), os.path.abspath(run_workdir))
+    return CheckpointRef(*run_files.resolve_run_checkpoint(path, which, step, where="config.checkpoint"))
 
 
 def load_params(ref: CheckpointRef) -> Any:
@@ -103,31 +82,10 @@ def _quiet_absl():
 
 def resolve_data_config(eval_data, run_data: Mapping[str, Any],
                         where: str = "config.data") -> ml_collections.ConfigDict:
-    """The run's data options overlaid with every eval data field set away from `data_defaults()`.
+    """The run's data options overlaid with every eval data field set away from `data_defaults()`
+    (`run_files.inherit_data_options`); EVAL_OWN_FIELDS always come from the eval config."""
 
-    `source = ""` keeps the run's source. A changed source (e.g. esconv for the cross-domain test) resets the run's
-    data_dir unless the eval sets one. EVAL_OWN_FIELDS always come from the eval config. FORMAT_FIELDS must agree
-    with the run: the model only knows that format.
-    """
-    from therapy_rl import defaults
-
-    base = defaults.data_defaults().to_dict()
-    requested = eval_data.to_dict() if hasattr(eval_data, "to_dict") else dict(eval_data)
-    resolved = dict(run_data)
-    for key, value in requested.items():
-        if key == "source" and value == "":
-            continue
-        if key in EVAL_OWN_FIELDS or key not in resolved or value != base.get(key):
-            resolved[key] = value
-    if resolved.get("source") != run_data.get("source") and requested.get("data_dir", "") == "":
-        resolved["data_dir"] = ""  # the run's folder belongs to its own source
-    for key in FORMAT_FIELDS:
-        if key in run_data and resolved.get(key) != run_data[key]:
-            raise ValueError(f"{where}.{key}={resolved.get(key)!r} differs from the run's {run_data[key]!r}: "
-                             "the model was trained on that format")
-    if not resolved.get("source"):
-        raise ValueError(f"{where}.source is empty and the run's run_info.json has no data source")
-    return ml_collections.ConfigDict(resolved)
+    return run_files.inherit_data_options(eval_data, dict(run_data), where, always_from_request=EVAL_OWN_FIELDS)
 
 
 def paper_table_for(setting: str, source: str) -> str | None:
@@ -454,7 +412,6 @@ def _train_gold_emotions(run_data: Mapping[str, Any]) -> list[str] | None:
 
 def evaluate(config, workdir: str) -> dict:
     """Runs the evaluation described in the module docstring; returns {"paths", "results", "meta"}."""
-    from therapy_rl import run_files
     from therapy_rl.data import pipeline, tokenize
     from therapy_rl.evaluation import bootstrap, judge as judge_lib, report
 
@@ -550,7 +507,7 @@ def evaluate(config, workdir: str) -> dict:
         "max_prompt_tokens": int(data_cfg.max_prompt_tokens),
         "prompts_at_length_limit": int((lengths >= data_cfg.max_prompt_tokens).sum()),
         "generation_seconds": generation_seconds,
-        "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *FORMAT_FIELDS)},
+        "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *run_files.FORMAT_FIELDS)},
         **({"esconv_emotion_map": dict(data_cfg.esconv_emotion_map) or "the data room's default",
             "esconv_supporter_emotion": data_cfg.esconv_supporter_emotion} if data_cfg.source == "esconv" else {}),
     }

@@ -27,88 +27,25 @@ import numpy as np
 
 from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step
 
-# Data options that define the sequence format the SFT model learned: PPO must use the SFT run's values.
-FORMAT_FIELDS = ("include_therapist_emotion", "include_strategy", "context_turns", "user_emotion_from",
-                 "therapist_run")
 
 
 # ------------------------------------------------------------------------------------------ set-up helpers
 
 
 def resolve_data_config(ppo_data, sft_data: Mapping[str, Any], where: str = "config.data") -> ml_collections.ConfigDict:
-    """The SFT run's data options, overlaid with every PPO data field set away from `data_defaults()`.
-
-    `source = ""` keeps the SFT source (and its data_dir). Format fields (FORMAT_FIELDS) must agree with the SFT
-    run: the policy only knows that format.
-    """
-    from therapy_rl import defaults
-
-    base = defaults.data_defaults().to_dict()
-    resolved = dict(sft_data)
-    for key, value in ppo_data.to_dict().items():
-        if key == "source" and value == "":
-            continue
-        if key not in resolved or value != base.get(key):
-            resolved[key] = value
-    for key in FORMAT_FIELDS:
-        if key in sft_data and resolved.get(key) != sft_data[key]:
-            raise ValueError(f"{where}.{key}={resolved.get(key)!r} differs from the SFT run's {sft_data[key]!r}: "
-                             "PPO prompts must use the format the SFT model was trained on")
-    if not resolved.get("source"):
-        raise ValueError(f"{where}.source is empty and the SFT run_info has no data source")
-    return ml_collections.ConfigDict(resolved)
-
-
-def resolve_init(init_from: str, which: str, step: int) -> tuple[str, int]:
-    """(checkpoint manager folder, step) of the SFT params to start from.
-
-    `init_from` is an SFT workdir (its best/ or checkpoints/, by `which`: "best" | "last") or a manager folder;
-    step -1 = the latest step there.
-    """
-    from therapy_rl import checkpoint
-
-    if not init_from:
-        raise ValueError("config.init_from is empty: pass the SFT workdir, e.g. --config.init_from=/path/to/sft_run")
-    if which not in ("best", "last"):
-        raise ValueError(f"config.init_checkpoint={which!r}: expected best or last")
-    directory = checkpoint.find_checkpoint_dir(init_from, prefer="best" if which == "best" else "checkpoints")
-    manager = checkpoint.Checkpointer(directory)
-    steps = manager.all_steps()
-    if step < 0:
-        step = manager.latest_step()
-    if step not in steps:
-        raise FileNotFoundError(f"config.init_step={step}: no such step in {directory} (has {sorted(steps)})")
-    return directory, int(step)
-
-
-def sft_workdir_of(init_from: str) -> str:
-    """The SFT run folder (holding run_info.json) of an init path: the workdir itself or a manager's parent."""
+    """The SFT run's data options overlaid with every PPO data field set away from `data_defaults()`; format
+    fields must agree with the SFT run (`run_files.inherit_data_options`)."""
     from therapy_rl import run_files
 
-    for candidate in (init_from, os.path.dirname(os.path.abspath(init_from))):
-        if os.path.exists(os.path.join(candidate, run_files.RUN_INFO)):
-            return candidate
-    raise FileNotFoundError(f"config.init_from={init_from!r}: no {run_files.RUN_INFO} there or in its parent")
+    return run_files.inherit_data_options(ppo_data, dict(sft_data), where)
 
 
-def load_trunk_params(directory: str, step: int) -> Any:
-    """The GPT-2 params saved at `step` as host numpy arrays: a best/ {"params"} tree, an SFT TrainState or a PPO
-    state (its policy trunk). Only the "params" subtree is read."""
-    import orbax.checkpoint as ocp
+def resolve_init(init_from: str, which: str, step: int) -> tuple[str, int, str]:
+    """(checkpoint manager folder, step, SFT workdir) of the SFT params to start from: `init_from` is an SFT
+    workdir (its best/ or checkpoints/, by `which`: "best" | "last") or a manager folder; step -1 = the latest."""
+    from therapy_rl import run_files
 
-    path = os.path.join(directory, str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata
-    tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, Mapping) or "params" not in tree:
-        raise ValueError(f"{path}: the saved state holds no 'params'")
-    wanted = {"params": tree["params"]}
-    is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted,
-                                          is_leaf=is_leaf)
-    params = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                                                     partial_restore=True))["params"]
-    return params[policy.TRUNK_KEY] if policy.TRUNK_KEY in params else params
+    return run_files.resolve_run_checkpoint(init_from, which, step, where="config.init_from")
 
 
 def copy_tokenizer(sft_workdir: str, workdir: str) -> str:
@@ -320,12 +257,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     last_ckpt, best_ckpt = checkpoint.run_checkpointers(workdir, config.keep_checkpoints)
     resuming = last_ckpt.latest_step() is not None
+    init_dir, init_step, sft_workdir = resolve_init(config.init_from, config.init_checkpoint, config.init_step)
     if resuming:  # the reference is the exact SFT step this run started from
         init = last_ckpt.restore_extras()["init"]
         init_dir, init_step = init["directory"], int(init["step"])
-    else:
-        init_dir, init_step = resolve_init(config.init_from, config.init_checkpoint, config.init_step)
-    sft_workdir = sft_workdir_of(config.init_from)
     sft_info = run_files.read_run_info(sft_workdir)
     model_config = run_files.model_config_of(sft_workdir)
 
@@ -370,8 +305,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     sampling_config = replies.sampling_config_from(config.sampling, tok)
 
     root_key = jax.random.key(config.seed)
+    sft_params = checkpoint.read_params_as_numpy(os.path.join(init_dir, str(init_step), "state"))
     state, state_shardings, ref_params, ref_shardings = init_state(
-        spec, optimizer, hyper.kl, load_trunk_params(init_dir, init_step), mesh, root_key, config.ppo.value_head_init)
+        spec, optimizer, hyper.kl, sft_params, mesh, root_key, config.ppo.value_head_init)
     print(f"[ppo] policy {gpt2.count_params(state.params[policy.TRUNK_KEY]) / 1e6:.2f}M params from "
           f"{init_dir} step {init_step}, mesh {dict(mesh.shape)}, {iterator.steps_per_epoch} iterations/epoch, "
           f"{total_iterations} iterations, reward {config.reward.kind}")

@@ -4,6 +4,7 @@ The detector combines a curated lexicon (`lexicon/crisis_lexicon.json`) with the
 
     flag = strong lexicon hit
          | (weak lexicon hit & P_head >= thresholds["support"])
+         | two multi-word weak hits that share no token ("wrote letters to my family" + "in case I don't make it")
          | (P_head >= thresholds["alone"] & no idiom in the text)
 
 A lexicon hit is a contiguous MiniLM wordpiece id n-gram that starts and ends on word boundaries; a veto phrase
@@ -390,6 +391,16 @@ def _live_matches(lexicon: SafetyLexicon, table_name: str, minilm_ids: jax.Array
     return found, rows
 
 
+def _disjoint_pair(found: jax.Array) -> jax.Array:
+    """[B] bool: two found phrases share no token, i.e. the earliest end <= the latest start (found [B, T, W])."""
+    length, width = found.shape[1], found.shape[2]
+    starts = jnp.broadcast_to(jnp.arange(length)[None, :, None], found.shape)
+    ends = starts + jnp.arange(1, width + 1)[None, None, :]  # exclusive end of the phrase of length w + 1 at t
+    latest_start = jnp.max(jnp.where(found, starts, -1), axis=(1, 2))
+    earliest_end = jnp.min(jnp.where(found, ends, length + width + 1), axis=(1, 2))
+    return earliest_end <= latest_start
+
+
 def _categories(table: PhraseTable, found: jax.Array, rows: jax.Array) -> jax.Array:
     one_hot = jax.nn.one_hot(table.category[rows], len(table.categories), dtype=bool)  # [B, T, W, C]
     return jnp.any(one_hot & found[..., None], axis=(1, 2))
@@ -425,18 +436,23 @@ def crisis_evidence(
     emb: jax.Array,
 ) -> dict[str, jax.Array]:
     """Every signal behind the crisis flag: strong/weak category hits [B, C], head probability [B], idiom [B],
-    the weak-confirmed and head-alone paths [B], and flag [B] int32."""
+    the weak-confirmed, weak-pair and head-alone paths [B], and flag [B] int32."""
     prepared = _prepare(lexicon, minilm_ids, minilm_mask)
     veto = _veto_matches(lexicon, "crisis_strong", prepared)  # crisis_strong and crisis_weak share crisis_veto
     strong = _categories(lexicon.tables["crisis_strong"],
                          *_live_matches(lexicon, "crisis_strong", minilm_ids, minilm_mask, prepared, veto))
-    weak = _categories(lexicon.tables["crisis_weak"],
-                       *_live_matches(lexicon, "crisis_weak", minilm_ids, minilm_mask, prepared, veto))
+    weak_found, weak_rows = _live_matches(lexicon, "crisis_weak", minilm_ids, minilm_mask, prepared, veto)
+    weak = _categories(lexicon.tables["crisis_weak"], weak_found, weak_rows)
     probability = heads_lib.crisis_probability(heads, emb)
     any_strong = jnp.any(strong, axis=-1)
     any_weak = jnp.any(weak, axis=-1)
     idiom = jnp.any(veto, axis=(1, 2))  # some crisis_veto phrase occurs
     supported = any_weak & (probability >= heads.crisis_thresholds["support"])
+    # Two separate multi-word weak signs corroborate each other without the head; single weak words ("died",
+    # "gun", "pointless") repeat too often in ordinary text to count here.
+    weak_table = lexicon.tables["crisis_weak"]
+    multiword = jnp.asarray(np.asarray([" " in phrase for phrase in weak_table.phrases], bool))
+    weak_pair = _disjoint_pair(weak_found & multiword[weak_rows])
     alone = (probability >= heads.crisis_thresholds["alone"]) & ~idiom
     return {
         "strong_categories": strong,
@@ -444,8 +460,9 @@ def crisis_evidence(
         "probability": probability,
         "idiom": idiom,
         "weak_supported": supported,
+        "weak_pair": weak_pair,
         "head_alone": alone,
-        "flag": (any_strong | supported | alone).astype(jnp.int32),
+        "flag": (any_strong | supported | weak_pair | alone).astype(jnp.int32),
     }
 
 
@@ -542,6 +559,8 @@ class CrisisDetector:
             reasons.append(f"idiom_explains_head:p={p:.2f}")
         elif bool(ev["weak_supported"][i]):
             reasons.append(f"head_supports_weak:p={p:.2f}>={support:.2f}")
+        elif bool(ev["weak_pair"][i]):
+            reasons.append("two_separate_weak_hits")
         return CrisisResult(flag=bool(ev["flag"][i]), score=p, reasons=tuple(reasons))
 
 
