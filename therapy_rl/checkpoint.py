@@ -7,6 +7,7 @@ complete, so a run killed mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -108,17 +109,32 @@ class BestTracker:
         self.best, self.stale_evals = data.get("best"), int(data.get("stale_evals", 0))
 
 
+@contextlib.contextmanager
+def quiet_absl():
+    """Raises absl's threshold to ERROR for a block (orbax's expected warnings on partial reads)."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def read_tree_as_numpy(item_dir: str) -> Any:
     """A saved pytree item (e.g. ``<manager>/<step>/state``) as host numpy arrays, without a target tree:
     works whatever mesh or number of processes wrote it."""
     import numpy as np
 
     checkpointer = ocp.PyTreeCheckpointer()
-    item_metadata = checkpointer.metadata(item_dir).item_metadata
+    with quiet_absl():
+        item_metadata = checkpointer.metadata(item_dir).item_metadata
     tree = getattr(item_metadata, "tree", item_metadata)
     is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree, is_leaf=is_leaf)
-    return checkpointer.restore(item_dir, restore_args=restore_args)
+    with quiet_absl():
+        return checkpointer.restore(item_dir, restore_args=restore_args)
 
 
 POLICY_TRUNK_KEY = "trunk"  # a PPO state keeps the GPT-2 params under params["trunk"]
@@ -130,7 +146,8 @@ def read_params_as_numpy(item_dir: str) -> Any:
     import numpy as np
 
     checkpointer = ocp.PyTreeCheckpointer()
-    item_metadata = checkpointer.metadata(item_dir).item_metadata
+    with quiet_absl():  # orbax warns that a sub-item has no _CHECKPOINT_METADATA of its own: expected here
+        item_metadata = checkpointer.metadata(item_dir).item_metadata
     tree = getattr(item_metadata, "tree", item_metadata)
     if not isinstance(tree, dict) or "params" not in tree:
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
@@ -138,8 +155,9 @@ def read_params_as_numpy(item_dir: str) -> Any:
     wanted = {"params": tree["params"]}
     is_leaf = lambda x: not isinstance(x, (dict, list, tuple))  # noqa: E731
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted, is_leaf=is_leaf)
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                                                          partial_restore=True))
+    with quiet_absl():
+        restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True))
     params = restored["params"]
     return params[POLICY_TRUNK_KEY] if POLICY_TRUNK_KEY in params else params
 

@@ -16,7 +16,6 @@ numbers), the evaluation ``fold_in(seed, 2)``, and batch ``b`` folds in ``b``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -61,20 +60,7 @@ def load_params(ref: CheckpointRef) -> Any:
     TrainState or a PPO state (params["trunk"]). Only the "params" subtree is read."""
     from therapy_rl import checkpoint
 
-    with _quiet_absl():  # orbax warns that a sub-item has no _CHECKPOINT_METADATA of its own: expected here
-        return checkpoint.read_params_as_numpy(os.path.join(ref.directory, str(ref.step), "state"))
-
-
-@contextlib.contextmanager
-def _quiet_absl():
-    from absl import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
+    return checkpoint.read_params_as_numpy(os.path.join(ref.directory, str(ref.step), "state"))
 
 
 # ------------------------------------------------------------------------------------------ data options
