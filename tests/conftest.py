@@ -76,3 +76,25 @@ def quickstart_sft_workdir(tmp_path_factory):
                          num_sample_replies=0, progress_bar=False)
     sft.train_and_evaluate(config, workdir)
     return workdir
+
+
+def flatten_tree(tree, prefix=""):
+    """{'/a/b/0': np.ndarray} for a nested dict/list pytree (for exact comparisons of saved states)."""
+    import numpy as np
+
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return {prefix: np.asarray(tree)}
+    out = {}
+    for key, value in items:
+        out.update(flatten_tree(value, f"{prefix}/{key}"))
+    return out
+
+
+def checkpoint_steps(workdir):
+    """Steps saved so far under ``workdir/checkpoints`` (committed ones only: orbax renames when complete)."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from conftest import restore_checkpoint_as_numpy
+from conftest import flatten_tree, restore_checkpoint_as_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +61,7 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
     subprocess.run([sys.executable, *_args(single, 18)], env=_env(4), cwd=REPO, check=True, capture_output=True)
 
     multi_params, single_params = _params(multi, 18), _params(single, 18)
-    flat_multi = {str(k): v for k, v in _flatten(multi_params)}
-    flat_single = {str(k): v for k, v in _flatten(single_params)}
+    flat_multi, flat_single = flatten_tree(multi_params), flatten_tree(single_params)
     assert flat_multi.keys() == flat_single.keys()
     for name, value in flat_single.items():
         got = flat_multi[name]
@@ -82,11 +81,3 @@ def test_two_processes_resume_and_match_one_process(tmp_path):
     assert set(single_losses) <= set(multi_losses) and 12 in multi_losses
     for step, loss in single_losses.items():
         assert abs(multi_losses[step] - loss) <= 1e-5, (step, multi_losses[step], loss)
-
-
-def _flatten(tree, prefix=()):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, prefix + (key,))
-    else:
-        yield "/".join(prefix), np.asarray(tree)

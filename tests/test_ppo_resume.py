@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import checkpoint_steps, flatten_tree
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 8  # PPO iterations
 KILL_AFTER = 2  # iterations checkpointed before the kill
@@ -41,25 +43,6 @@ def _ppo(workdir, sft):
                  "--config.ppo.init_kl_coef=0.3", "--config.ppo.kl_horizon=50")
 
 
-def _steps(workdir):
-    ckpt = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}/{key}"))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, value in enumerate(tree):
-            out.update(_flatten(value, f"{prefix}/{i}"))
-        return out
-    return {prefix: np.asarray(tree)}
-
-
 def _records(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -75,7 +58,7 @@ def test_ppo_sigkill_then_resume_is_bit_exact(quickstart_sft_workdir, tmp_path):
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        steps = _steps(killed)
+        steps = checkpoint_steps(killed)
         if steps and steps[-1] >= KILL_AFTER:
             break
         time.sleep(0.01)
@@ -83,14 +66,14 @@ def test_ppo_sigkill_then_resume_is_bit_exact(quickstart_sft_workdir, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    killed_at = _steps(killed)[-1]
+    killed_at = checkpoint_steps(killed)[-1]
     assert KILL_AFTER <= killed_at < TOTAL
     resumed = subprocess.run(_ppo(killed, sft), check=True, env=_env(cache), cwd=REPO, capture_output=True,
                              text=True)
     assert f"resumed from iteration {killed_at}" in resumed.stdout  # it continued, not started over
 
     def final(workdir):
-        return _flatten(ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(TOTAL), "state")))
+        return flatten_tree(ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(TOTAL), "state")))
 
     expected, got = final(straight), final(killed)
     assert expected.keys() == got.keys()

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from conftest import restore_checkpoint_as_numpy
+from conftest import checkpoint_steps, flatten_tree, restore_checkpoint_as_numpy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 100
@@ -31,29 +31,8 @@ def _env():
     return env
 
 
-def _steps(workdir):
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
-
-
 def _final_state(workdir):
     return restore_checkpoint_as_numpy(os.path.join(workdir, "checkpoints", str(TOTAL_STEPS), "state"))
-
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}/{key}"))
-        return out
-    if isinstance(tree, (list, tuple)):
-        out = {}
-        for i, value in enumerate(tree):
-            out.update(_flatten(value, f"{prefix}/{i}"))
-        return out
-    return {prefix: np.asarray(tree)}
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
@@ -64,7 +43,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        steps = _steps(killed)
+        steps = checkpoint_steps(killed)
         if steps and steps[-1] >= 20:
             break
         time.sleep(0.02)
@@ -72,10 +51,10 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert _steps(killed)[-1] < TOTAL_STEPS
+    assert checkpoint_steps(killed)[-1] < TOTAL_STEPS
     subprocess.run(_command(killed), check=True, env=_env(), cwd=REPO, capture_output=True)
 
-    expected, got = _flatten(_final_state(straight)), _flatten(_final_state(killed))
+    expected, got = flatten_tree(_final_state(straight)), flatten_tree(_final_state(killed))
     assert expected.keys() == got.keys()
     for name in expected:
         assert np.array_equal(expected[name], got[name]), f"{name} differs after resume"
