@@ -55,9 +55,11 @@ def test_cli_stdin_to_stdout(quickstart_sft_workdir):
                 "I've decided to kill myself tonight, I already gave my dog away.",
                 "This exam is killing me, but I'll survive."]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    result = subprocess.run([sys.executable, "-m", "therapy_rl.chat", "--workdir", quickstart_sft_workdir, "--json",
+    # A relative --workdir, as a user types it (orbax needs absolute paths internally).
+    parent, name = os.path.split(os.path.abspath(quickstart_sft_workdir))
+    result = subprocess.run([sys.executable, "-m", "therapy_rl.chat", "--workdir", name, "--json",
                              "--max_new_tokens=16"], input="\n".join(messages) + "\n", capture_output=True, text=True,
-                            env=env, cwd=REPO, timeout=600)
+                            env=env, cwd=parent, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     turns = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [t["user"] for t in turns] == messages

@@ -70,7 +70,8 @@ def run_checkpointers(workdir: str, keep_last: int) -> tuple[Checkpointer, Check
 
 
 def find_checkpoint_dir(path: str, prefer: str = "best") -> str:
-    """A checkpoint folder from a workdir (its ``best/`` or ``checkpoints/``) or a manager folder itself."""
+    """A checkpoint folder (absolute) from a workdir (its ``best/`` or ``checkpoints/``) or a manager folder."""
+    path = os.path.abspath(path)
     for sub in ((prefer, "checkpoints", "best") if prefer else ("checkpoints", "best")):
         candidate = os.path.join(path, sub)
         if os.path.isdir(candidate) and Checkpointer(candidate).latest_step() is not None:
@@ -127,6 +128,7 @@ def read_tree_as_numpy(item_dir: str) -> Any:
     works whatever mesh or number of processes wrote it."""
     import numpy as np
 
+    item_dir = os.path.abspath(item_dir)
     checkpointer = ocp.PyTreeCheckpointer()
     with quiet_absl():
         item_metadata = checkpointer.metadata(item_dir).item_metadata
@@ -145,6 +147,7 @@ def read_params_as_numpy(item_dir: str) -> Any:
     policy trunk is unwrapped, so SFT and PPO checkpoints give the same GPT-2 params layout."""
     import numpy as np
 
+    item_dir = os.path.abspath(item_dir)  # orbax reads no metadata through a relative path
     checkpointer = ocp.PyTreeCheckpointer()
     with quiet_absl():  # orbax warns that a sub-item has no _CHECKPOINT_METADATA of its own: expected here
         item_metadata = checkpointer.metadata(item_dir).item_metadata
