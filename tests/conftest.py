@@ -98,3 +98,24 @@ def checkpoint_steps(workdir):
     """Steps saved so far under ``workdir/checkpoints`` (committed ones only: orbax renames when complete)."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
+def sigkill_after_checkpoint(command, workdir, min_step, timeout_s=300, **popen_kwargs):
+    """Starts ``command``, SIGKILLs it once ``workdir/checkpoints`` holds a step >= ``min_step`` and returns the
+    last committed step. Fails if the run ends before it could be killed."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen_kwargs)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None:
+        steps = checkpoint_steps(workdir)
+        if steps and steps[-1] >= min_step:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    return checkpoint_steps(workdir)[-1]

@@ -4,16 +4,14 @@ metrics.jsonl (wall-clock timings aside) and the same best/ checkpoint."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import checkpoint_steps, flatten_tree
+from conftest import flatten_tree, sigkill_after_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 8  # PPO iterations
@@ -54,19 +52,7 @@ def test_ppo_sigkill_then_resume_is_bit_exact(quickstart_sft_workdir, tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run(_ppo(straight, sft), check=True, env=_env(cache), cwd=REPO, capture_output=True)
 
-    process = subprocess.Popen(_ppo(killed, sft), env=_env(cache), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        steps = checkpoint_steps(killed)
-        if steps and steps[-1] >= KILL_AFTER:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    killed_at = checkpoint_steps(killed)[-1]
+    killed_at = sigkill_after_checkpoint(_ppo(killed, sft), killed, KILL_AFTER, env=_env(cache), cwd=REPO)
     assert KILL_AFTER <= killed_at < TOTAL
     resumed = subprocess.run(_ppo(killed, sft), check=True, env=_env(cache), cwd=REPO, capture_output=True,
                              text=True)

@@ -3,14 +3,12 @@ uninterrupted run (params, optimizer state, data position, RNG), with a clean me
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
-from conftest import checkpoint_steps, flatten_tree, restore_checkpoint_as_numpy
+from conftest import flatten_tree, restore_checkpoint_as_numpy, sigkill_after_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 100
@@ -39,19 +37,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run(_command(straight), check=True, env=_env(), cwd=REPO, capture_output=True)
 
-    process = subprocess.Popen(_command(killed), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        steps = checkpoint_steps(killed)
-        if steps and steps[-1] >= 20:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert checkpoint_steps(killed)[-1] < TOTAL_STEPS
+    killed_at = sigkill_after_checkpoint(_command(killed), killed, 20, env=_env(), cwd=REPO)
+    assert killed_at < TOTAL_STEPS
     subprocess.run(_command(killed), check=True, env=_env(), cwd=REPO, capture_output=True)
 
     expected, got = flatten_tree(_final_state(straight)), flatten_tree(_final_state(killed))
