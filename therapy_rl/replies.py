@@ -38,16 +38,26 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[t
         yield {k: v[rows] for k, v in arrays.items()}, real
 
 
+def generate_token_rows(generate_fn, params: Any, prompts: dict[str, np.ndarray], batch_size: int,
+                        rng: jax.Array) -> list[np.ndarray]:
+    """Generated token ids of every prompt row, in order, each cut at its response length. The last batch's filler
+    rows are marked inactive, so they stop at once. ``generate_fn`` is ``sampling.make_generate_fn(...)``."""
+    rows: list[np.ndarray] = []
+    for index, (batch, real) in enumerate(padded_batches(dict(prompts), batch_size)):
+        active = (np.arange(batch_size) < real).astype(np.int32)
+        out = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index), active)
+        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        rows.extend(np.asarray(tokens[r, :lengths[r]]) for r in range(real))
+    return rows
+
+
 def generate_replies(generate_fn, params: Any, tok: tokenize.TherapyTokenizer, prompts: dict[str, np.ndarray],
                      batch_size: int, rng: jax.Array) -> list[Reply]:
-    """Replies for every prompt row, in order. ``generate_fn`` is ``sampling.make_generate_fn(...)``."""
+    """Decoded replies for every prompt row, in order."""
     out: list[Reply] = []
-    for index, (batch, real) in enumerate(padded_batches(prompts, batch_size)):
-        result = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index))
-        tokens, lengths = jax.device_get((result.tokens, result.lengths))
-        for row in range(real):
-            text, emotion, strategy = tokenize.decode_reply(tok, tokens[row, :lengths[row]])
-            out.append(Reply(text=text, emotion=emotion, strategy=strategy, num_tokens=int(lengths[row])))
+    for ids in generate_token_rows(generate_fn, params, prompts, batch_size, rng):
+        text, emotion, strategy = tokenize.decode_reply(tok, ids)
+        out.append(Reply(text=text, emotion=emotion, strategy=strategy, num_tokens=len(ids)))
     return out
 
 

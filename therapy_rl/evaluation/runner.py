@@ -106,21 +106,6 @@ def reply_fields(tok, ids: Sequence[int]) -> dict:
             "pred_strategy": strategy}
 
 
-def generate_token_rows(generate_fn, params, prompts: Mapping[str, np.ndarray], batch_size: int,
-                        rng: jax.Array) -> list[np.ndarray]:
-    """Token ids of every prompt row, in order (each cut at its response length). Batches have a fixed shape: the
-    last one is filled with copies of its first row, marked inactive so they stop at once."""
-    from therapy_rl import replies
-
-    rows: list[np.ndarray] = []
-    for index, (batch, real) in enumerate(replies.padded_batches(dict(prompts), batch_size)):
-        active = (np.arange(batch_size) < real).astype(np.int32)
-        out = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index), active)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
-        rows.extend(np.asarray(tokens[r, :lengths[r]]) for r in range(real))
-    return rows
-
-
 class Generator:
     """Generates replies for prompts of one model with any decoding settings."""
 
@@ -136,7 +121,9 @@ class Generator:
     def token_rows(self, prompts: Mapping[str, np.ndarray], settings: Mapping[str, Any],
                    rng: jax.Array) -> list[np.ndarray]:
         generate_fn = jitted_sampler(self.model_config, self.sampling_config(settings))
-        return generate_token_rows(generate_fn, self.params, prompts, self.batch_size, rng)
+        from therapy_rl import replies
+
+        return replies.generate_token_rows(generate_fn, self.params, prompts, self.batch_size, rng)
 
 
 @functools.lru_cache(maxsize=32)
