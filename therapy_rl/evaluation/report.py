@@ -376,48 +376,11 @@ def read_metrics_jsonl(path: str) -> list[dict]:
     return rows
 
 
-CURVE_PANELS = (
-    ("loss", lambda k: k.endswith("loss") or k.endswith("/loss")),
-    ("reward / score", lambda k: k in ("objective/scores", "reward/total", "reward/mean", "val/reward")
-     or k.startswith("objective/score")),
-    ("reward components", lambda k: k.startswith("reward/") and k not in ("reward/total", "reward/mean")),
-    ("KL", lambda k: "kl" in k.lower().split("/")[-1]),
-)
-
-
 def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str) -> str | None:
-    """One panel per group of keys found (loss, reward/score, reward components, KL); None when nothing to plot."""
-    series: dict[str, tuple[list, list]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if not math.isfinite(value):
-                continue
-            xs, ys = series.setdefault(key, ([], []))
-            xs.append(row["step"])
-            ys.append(value)
-    panels = []
-    for title, match in CURVE_PANELS:
-        keys = sorted(k for k in series if match(k))
-        if keys:
-            panels.append((title, keys))
-    if not panels:
-        return None
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), squeeze=False)
-    for ax, (title, keys) in zip(axes[:, 0], panels):
-        for key in keys:
-            xs, ys = series[key]
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """The run's training curves (``therapy_rl.curves``); None when nothing to plot."""
+    from therapy_rl import curves
+
+    return curves.plot_training_curves(rows, path)
 
 
 # ------------------------------------------------------------------------------------------------ writing
