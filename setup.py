@@ -27,8 +27,15 @@ VIZ = [
     "wandb>=0.19",
 ]
 
-DEV = VIZ + [
+# The clinician rating app (`python -m therapy_rl.rate serve`); the human reward itself needs neither.
+RATE = [
+    "starlette>=0.37",
+    "uvicorn>=0.30",
+]
+
+DEV = VIZ + RATE + [
     "pytest>=8",
+    "selenium>=4.20",  # the rating page's browser test (with Debian's chromium + chromium-driver, .ci/run)
     # CPU build on this machine's disk; a plain `torch` would pull CUDA wheels.
     "torch==2.13.0",
     "sentence-transformers>=3.0",
@@ -41,9 +48,10 @@ setup(
     version="0.1.0",
     description="Context- and emotion-aware therapeutic dialogue generation with SFT and PPO in JAX/Flax",
     packages=find_packages(include=["therapy_rl", "therapy_rl.*"]),
-    package_data={"therapy_rl": ["data/sample/*", "rewards/weights/*", "rewards/lexicon/*"]},
+    package_data={"therapy_rl": ["data/sample/*", "rewards/weights/*", "rewards/lexicon/*", "rate/static/*",
+                                 "rate/prompts/*"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"dev": DEV, "bench": BENCH, "viz": VIZ},
+    extras_require={"dev": DEV, "bench": BENCH, "viz": VIZ, "rate": RATE},
 )

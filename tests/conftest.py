@@ -78,6 +78,20 @@ def quickstart_sft_workdir(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def quickstart_ppo_workdir(quickstart_sft_workdir, tmp_path_factory):
+    """A 2-iteration quickstart PPO run from the shared SFT run (API and export tests): best/ holds the step-0
+    or step-1 policy, checkpoints/ steps 1 and 2."""
+    from therapy_rl.ppo import trainer
+
+    workdir = str(tmp_path_factory.mktemp("quickstart_ppo"))
+    config = load_config("quickstart_ppo", init_from=quickstart_sft_workdir, max_iterations=2,
+                         eval_every_iterations=1, checkpoint_every_iterations=1, num_sample_replies=0,
+                         progress_bar=False)
+    trainer.train_and_evaluate(config, workdir)
+    return workdir
+
+
 def flatten_tree(tree, prefix=""):
     """{'/a/b/0': np.ndarray} for a nested dict/list pytree (for exact comparisons of saved states)."""
     import numpy as np

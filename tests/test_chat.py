@@ -12,42 +12,43 @@ from therapy_rl import chat
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _FakeDetector:
-    def __init__(self, flagged):
-        self.flagged = flagged
+class _FakePolicy:
+    """Answers like `api.Policy`: the guard for flagged texts, else a model reply; records every call."""
 
-    def detect(self, texts):
-        from therapy_rl.rewards.safety import CrisisResult
+    def __init__(self, crisis=(), harmful=()):
+        self.crisis, self.harmful, self.calls = set(crisis), set(harmful), []
 
-        return [CrisisResult(flag=t in self.flagged, score=1.0 if t in self.flagged else 0.0, reasons=("test",))
-                for t in texts]
+    def reply(self, text, *, user_emotion=None, problem=None, history=(), sampling=None):
+        from therapy_rl import api
+
+        self.calls.append((text, user_emotion, problem, history, sampling))
+        emotion = user_emotion or "sadness"
+        if text in self.crisis:
+            return api.Reply(chat.CRISIS_MESSAGE, None, True, api.GUARD, emotion, ("test",))
+        if text in self.harmful:
+            return api.Reply(chat.UNSAFE_REPLY_MESSAGE, None, False, api.GUARD, emotion, ("reply:test",))
+        return api.Reply("model reply", "neutral", False, api.MODEL, emotion)
 
 
 def test_session_routes_crisis_to_guard_and_keeps_context():
-    calls = []
-
-    def reply_fn(text, emotion, context):
-        calls.append((text, emotion, context))
-        return "model reply", "neutral"
-
-    session = chat.ChatSession(reply_fn, _FakeDetector({"crisis text"}), lambda t: "sadness",
-                               lambda reply: False, context_turns=2)
+    policy = _FakePolicy(crisis={"crisis text"})
+    session = chat.ChatSession(policy, problem="work", sampling={"top_k": 3})
     first = session.respond("hello there")
     crisis = session.respond("crisis text")
     session.respond("still here", user_emotion="fear")
     assert first.source == "model" and first.reply == "model reply" and first.user_emotion == "sadness"
     assert crisis.source == "crisis_guard" and crisis.reply == chat.CRISIS_MESSAGE and crisis.crisis
-    assert "988" in chat.CRISIS_MESSAGE
-    assert [c[0] for c in calls] == ["hello there", "still here"]  # the model never saw the crisis message
-    assert calls[1][1] == "fear"
-    assert calls[1][2] == (("client", "crisis text"), ("therapist", chat.CRISIS_MESSAGE))
+    assert crisis.crisis_reasons == ("test",) and "988" in chat.CRISIS_MESSAGE
+    assert [c[1] for c in policy.calls] == [None, None, "fear"]  # "auto" = the policy infers it
+    assert all(c[2] == "work" and c[4] == {"top_k": 3} for c in policy.calls)
+    assert policy.calls[2][3] == (("client", "hello there"), ("therapist", "model reply"),
+                                  ("client", "crisis text"), ("therapist", chat.CRISIS_MESSAGE))
 
 
 def test_unsafe_model_reply_is_replaced():
-    session = chat.ChatSession(lambda *a: ("do it", None), _FakeDetector(set()), lambda t: "neutral",
-                               lambda reply: reply == "do it", context_turns=0)
+    session = chat.ChatSession(_FakePolicy(harmful={"what should I do"}))
     turn = session.respond("what should I do")
-    assert turn.source == "unsafe_reply_guard" and turn.reply == chat.UNSAFE_REPLY_MESSAGE
+    assert turn.source == "unsafe_reply_guard" and turn.reply == chat.UNSAFE_REPLY_MESSAGE and not turn.crisis
 
 
 def test_cli_stdin_to_stdout(quickstart_sft_workdir):
@@ -66,3 +67,12 @@ def test_cli_stdin_to_stdout(quickstart_sft_workdir):
     assert [t["source"] for t in turns] == ["model", "crisis_guard", "model"]
     assert turns[1]["reply"] == chat.CRISIS_MESSAGE
     assert turns[0]["reply"] != chat.CRISIS_MESSAGE
+
+
+def test_cli_bad_checkpoint_is_one_line(quickstart_sft_workdir):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run([sys.executable, "-m", "therapy_rl.chat", "--workdir", quickstart_sft_workdir,
+                             "--checkpoint", "999"], input="hello\n", capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "no such step" in result.stderr

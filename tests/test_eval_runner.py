@@ -241,19 +241,21 @@ def test_load_params_matches_saved_checkpoints(sft_run):
     from conftest import restore_checkpoint_as_numpy
     import jax
 
-    best = runner.resolve_checkpoint(sft_run, "best")
-    last = runner.resolve_checkpoint(os.path.join(sft_run, "checkpoints"), "best")  # a whole TrainState
-    assert best.run_workdir == last.run_workdir == os.path.abspath(sft_run)
-    for ref in (best, last):
-        loaded = runner.load_params(ref)
-        saved = restore_checkpoint_as_numpy(os.path.join(ref.directory, str(ref.step), "state"))["params"]
+    from therapy_rl import errors, run as run_lib
+
+    best = run_lib.open_run(sft_run, "best")
+    last = run_lib.open_run(os.path.join(sft_run, "checkpoints"), "best")  # a whole TrainState
+    assert best.workdir == last.workdir == os.path.abspath(sft_run)
+    for opened in (best, last):
+        loaded = opened.read_params()
+        saved = restore_checkpoint_as_numpy(opened.state_dir)["params"]
         flat_loaded = jax.tree_util.tree_leaves_with_path(loaded)
         flat_saved = jax.tree_util.tree_leaves_with_path(saved)
         assert [p for p, _ in flat_loaded] == [p for p, _ in flat_saved]
         for (_, a), (_, b) in zip(flat_loaded, flat_saved):
             np.testing.assert_array_equal(a, b)
-    with pytest.raises(FileNotFoundError, match="no such step"):
-        runner.resolve_checkpoint(sft_run, "last", step=999)
+    with pytest.raises(errors.MissingFileError, match="no such step"):
+        run_lib.open_run(sft_run, 999)
 
 
 def test_emotion_classifier_source(tmp_path):

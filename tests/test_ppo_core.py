@@ -147,6 +147,20 @@ def test_whiten_scores_batch_level_with_valid_rows():
         core.whiten_scores(np.zeros((2, 3)))
 
 
+def test_clip_scores_leaves_the_after_clip_part_alone():
+    scores = rand(3, (16,), 12.0)
+    after = np.where(rand(4, (16,)) > 0, -np.abs(rand(5, (16,), 8.0)), 0.0)
+    np.testing.assert_allclose(core.clip_scores(scores, 10.0, after), np.clip(scores - after, -10, 10) + after,
+                               rtol=1e-12)
+    np.testing.assert_allclose(core.clip_scores(scores, 10.0), np.clip(scores, -10, 10), rtol=1e-12)
+    # base -12 plus safety -5 (raw -17) stays below base -12 alone; a plain clip makes them equal
+    raw, safety = np.array([-17.0, -12.0, 15.0, 14.0]), np.array([-5.0, 0.0, -5.0, 0.0])
+    np.testing.assert_allclose(core.clip_scores(raw, 10.0, safety), [-15.0, -10.0, 5.0, 10.0])
+    assert core.clip_scores(raw, 10.0)[0] == core.clip_scores(raw, 10.0)[1]
+    with pytest.raises(ValueError, match="clip_scores"):
+        core.clip_scores(raw, 10.0, safety[:3])
+
+
 # ---------------------------------------------------------------------------------------------- KL
 
 

@@ -133,7 +133,8 @@ def test_kl_coef_is_read_from_state_without_recompiling(single):
     sample = stages.generate(moved, batch["prompt_ids"], batch["prompt_mask"], key)
     rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"], "tokens": sample.tokens,
                "response_mask": sample.response_mask, "valid": batch["valid"],
-               "scores": jax.device_put(jnp.linspace(-1.0, 1.0, BATCH), parallel.batch_sharding(mesh, 1))}
+               "scores": jax.device_put(jnp.linspace(-1.0, 1.0, BATCH), parallel.batch_sharding(mesh, 1)),
+               "scores_after_clip": jax.device_put(jnp.zeros(BATCH), parallel.batch_sharding(mesh, 1))}
 
     def run(coef):
         host = jax.device_get(state)
@@ -255,6 +256,24 @@ def test_process_scores_clip_whiten_and_eos_penalty():
     white[1] -= 1.5
     np.testing.assert_allclose(got[:4], white, rtol=1e-5)
     assert got[4] == 0.0
+
+
+def test_update_keeps_the_after_clip_penalty_out_of_the_score_clip(single):
+    """The update step reads `scores_after_clip`: base -12 plus safety -5 enters GAE as -15, not as -10."""
+    import dataclasses
+
+    stages, state, ref, _ = _fresh(single)
+    hyper = dataclasses.replace(stages.hyper, whiten_scores=False, num_epochs=1, num_minibatches=1)
+    update = jax.jit(ppo_step.make_update_step(stages.spec, hyper, _optimizer(3e-3)))
+    prompts = _prompts(13)
+    raw, after_clip = np.full(BATCH, -12.0, np.float32), np.zeros(BATCH, np.float32)
+    raw[0], after_clip[0] = -17.0, -5.0
+    rollout = {"prompt_ids": prompts["prompt_ids"], "prompt_mask": prompts["prompt_mask"],
+               "tokens": np.random.default_rng(0).integers(2, VOCAB, (BATCH, NEW)).astype(np.int32),
+               "response_mask": np.ones((BATCH, NEW), np.int32), "valid": prompts["valid"], "scores": raw,
+               "scores_after_clip": after_clip}
+    _, metrics = update(state, ref, rollout)
+    assert float(metrics["ppo/mean_scores"]) == pytest.approx((-15.0 - 10.0 * (BATCH - 1)) / BATCH)
 
 
 def test_resolve_data_config_inherits_sft_format():

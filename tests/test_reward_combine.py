@@ -339,3 +339,68 @@ def test_score_rejects_bad_shapes(tok, encoder):
         model.score({**f, "user_emotion": f["user_emotion"][:3]}, ids, mask, tok.decode)
     with pytest.raises(ValueError, match="same"):
         model.score(f, ids, mask[:, :10], tok.decode)
+
+
+def test_safety_penalty_survives_every_clip_up_to_gae(tok, encoder):
+    """Two identical degenerate replies with base -12 (quality -10 x 1.2), one to a crisis user (safety -5, no
+    crisis resources): the crisis row scores below the other after combine's clip, the PPO adapter, the PPO
+    step's score clip + whitening, and in the token rewards and advantages fed to / out of GAE."""
+    from types import SimpleNamespace
+
+    from therapy_rl import parallel
+    from therapy_rl.ppo import core, simple_rewards, step as ppo_step, trainer
+
+    def fake_crisis(lexicon, heads, ids, mask, emb):
+        return jnp.any((ids == lexicon["harm_id"]) & (mask > 0), axis=1).astype(jnp.int32)
+
+    cfg = R.RewardConfig(quality_weight=1.2, use_emotion=False, use_relevance=False, use_sentiment=False,
+                         use_empathy=False, use_penalty=False, whiten=False)
+    model = make_model(tok, encoder, cfg, backends=dataclasses.replace(FAKE, crisis_flags=fake_crisis))
+    reward = simple_rewards.TherapyReward(model=model, decode_fn=tok.decode)
+    users = ["They hurt me.", "Work is fine I guess.", "I lost my job.", "Nobody listens to me."]
+    replies = [("", "neutral"), ("", "neutral"), ("That sounds really hard for you.", "neutral"),
+               ("How does that make you feel?", "neutral")]
+    n = len(users)
+    prompts = reward.register_prompts({"valid": np.ones(n, np.int32), "user_emotion": np.zeros(n, np.int32),
+                                       "therapist_emotion": np.zeros(n, np.int32)}, users)
+    ids, mask = response_ids(tok, replies)
+    mesh = parallel.make_mesh(parallel.MeshShape(1, 1, 1), jax.devices()[:1])
+    batch = parallel.global_batch_from_host(prompts, mesh)
+    tokens, mask = jnp.asarray(ids), jnp.asarray(mask)
+
+    # combine: base clipped to -10, then the penalty
+    total, comps = reward(batch, tokens, mask)
+    np.testing.assert_allclose(np.asarray(comps["quality"])[:2], [-10.0, -10.0])
+    np.testing.assert_allclose(np.asarray(comps["safety"]), [-5.0, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(np.asarray(total)[:2], [-15.0, -10.0], atol=1e-5)
+    # the trainer's split: the penalty travels to the update beside the raw score, never as a logged component
+    raw, after_clip, logged = trainer._score_reward(SimpleNamespace(reward_fn=reward, mesh=mesh), batch, tokens, mask)
+    np.testing.assert_allclose(np.asarray(after_clip), [-5.0, 0.0, 0.0, 0.0])
+    assert simple_rewards.AFTER_CLIP not in logged and "safety" in logged
+
+    # the PPO step: score clip to [-10, 10], whitening, then token rewards, GAE and whitened advantages
+    hyper = ppo_step.PPOHyper(score_clip=10.0)
+    valid = batch["valid"]
+    scores = ppo_step.process_scores(raw, tokens, mask, valid, hyper, after_clip=after_clip)
+    zeros = jnp.zeros(tokens.shape, jnp.float32)
+    targets = core.rollout_targets(scores, zeros, zeros, zeros, mask, jnp.float32(0.2), gamma=hyper.gamma,
+                                   lam=hyper.lam, whiten_advantages=True)
+    s = np.asarray(scores)
+    assert s[0] < s[1] - 0.1, s
+    real = np.asarray(mask)[0] == 1
+    np.testing.assert_array_equal(real, np.asarray(mask)[1] == 1)  # same reply: same tokens and mask
+    rewards, advantages = np.asarray(targets.rewards), np.asarray(targets.advantages)
+    assert rewards[0, real].sum() < rewards[1, real].sum() - 0.1
+    assert np.all(advantages[0, real] < advantages[1, real]), advantages[:2]
+    # without the split, the step's clip erases the penalty: both rows get the same score
+    erased = np.asarray(ppo_step.process_scores(raw, tokens, mask, valid, hyper))
+    assert erased[0] == erased[1]
+
+
+def test_ppo_therapy_reward_refuses_its_own_whitening(tok):
+    """The PPO step whitens over the global batch; the reward's own whitening would see one process's rows."""
+    from therapy_rl.errors import ConfigError
+    from therapy_rl.ppo import simple_rewards
+
+    with pytest.raises(ConfigError, match="config.reward.therapy.whiten"):
+        simple_rewards.therapy_reward({"whiten": True}, tok)

@@ -252,6 +252,30 @@ def test_logprobs_match_teacher_forced_forward(params):
     assert np.all(np.asarray(out.logprobs)[~resp] == 0)
 
 
+def test_decoding_grid_shares_one_compiled_sampler(params):
+    """Temperature, top_p and top_k (within a candidate bucket) are traced: one program, the same tokens as
+    sampling with the values baked in as constants."""
+    ids, mask = _prompts()
+    grid = [SamplingConfig(max_new_tokens=8, temperature=t, top_k=k, top_p=p, eos_id=5)
+            for t, k, p in [(1.0, 5, 0.7), (1.3, 20, 0.9), (0.7, 35, 0.95), (1.1, 1, 0.6)]]
+    baked = jax.jit(generate, static_argnames=("config", "sampling"))
+    fns = [make_generate_fn(CONFIG, sampling) for sampling in grid]
+    assert len({id(fn.jitted) for fn in fns}) == 1
+    outs = []
+    for sampling, fn in zip(grid, fns):
+        out = fn(params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(9))
+        want = baked(params, CONFIG, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(9), sampling)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(want.tokens))
+        np.testing.assert_allclose(np.asarray(out.sampling_logprobs), np.asarray(want.sampling_logprobs), atol=1e-5)
+        outs.append(np.asarray(out.tokens))
+    assert fns[0].jitted._cache_size() == 1
+    assert len({o.tobytes() for o in outs}) > 1  # the values do reach the program
+    # top_k 1 keeps only the argmax (ties aside): the grid's last setting decodes greedily.
+    greedy = make_generate_fn(CONFIG, SamplingConfig(max_new_tokens=8, greedy=True, eos_id=5))(
+        params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(outs[-1], np.asarray(greedy.tokens))
+
+
 def test_keys_control_samples(params):
     ids, mask = _prompts()
     fn = make_generate_fn(CONFIG, SamplingConfig(max_new_tokens=12, temperature=1.0))

@@ -2,7 +2,8 @@
 
 A run keeps two managers: ``checkpoints/`` holds the last N states for resuming, and ``best/`` holds the single
 state with the best validation metric. Orbax writes each step into a temporary folder and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint intact.
+complete, so a run killed mid-save leaves the previous checkpoint intact. A state holding a NaN or Inf is
+never saved (`Checkpointer.save` raises `NonFiniteError`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from therapy_rl import errors, nonfinite
 
 
 def abstract_like(tree: Any) -> Any:
@@ -37,9 +40,16 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, extras: dict[str, Any]) -> None:
-        """Saves ``step`` unless it exists already (a resumed run re-reaching a saved step holds the same state)."""
+        """Saves ``step`` unless it exists already (a resumed run re-reaching a saved step holds the same state).
+
+        Raises `NonFiniteError` instead when a floating leaf of ``state`` holds a NaN or Inf (one jitted reduction).
+        """
         if int(step) in self._manager.all_steps():
             return
+        bad = nonfinite.first_nonfinite_leaves(state)
+        if bad:
+            raise errors.NonFiniteError(f"refusing to save step {step} in {self.directory}: non-finite values in "
+                                        f"{', '.join(bad)}")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras))
         self._manager.save(int(step), args=args, force=True)
         self._manager.wait_until_finished()

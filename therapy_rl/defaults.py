@@ -15,6 +15,7 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.val_path = ""  # jsonl source: validation file
     d.test_path = ""  # jsonl source: test file
     d.strict = True  # bad records: True = fail with file:line:field, False = skip and count
+    d.allow_empty_validation = False  # SFT only: True = an empty val split trains without validation, no best/
     d.max_length_tokens = 128  # fixed sequence length of SFT batches
     d.drop_long = True  # True = drop sequences over max_length_tokens (the paper), False = truncate the user text
     d.include_therapist_emotion = True  # False = the paper's "SFT (no emotion)" ablation
@@ -102,6 +103,30 @@ def sft_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def human_reward_defaults() -> ml_collections.ConfigDict:
+    """reward.kind = human: clinicians rate each rollout in the rating app (``python -m therapy_rl.rate``)."""
+    h = ml_collections.ConfigDict()
+    h.store_dir = ""  # folder of ratings.sqlite; "" = the PPO workdir (serve it: python -m therapy_rl.rate serve)
+    h.run_name = ""  # this run's name in the store; "" = the workdir's folder name
+    h.min_ratings = 1  # k: ratings each reply waits for
+    h.timeout_s = 3600.0  # per batch (from queueing or re-attaching); then unrated replies are skipped; <= 0 = none
+    h.poll_s = 2.0  # seconds between looks at the store while waiting
+    h.aggregate = "mean"  # mean | zscore (each rater's scores standardised, then averaged)
+    h.human_weight = 1.0  # weight of the aggregated 0-1 rating in the reward
+    h.auto_kind = ""  # automatic reward mixed in, and the validation reward: "" | therapy | emotion_tag | learned_human
+    h.auto_weight = 0.0  # its weight in the training reward (validation prompts use it alone)
+    h.unsafe_penalty = 2.0  # subtracted when any rater flags a reply unsafe (kept out of the score clip)
+    return h
+
+
+def learned_human_reward_defaults() -> ml_collections.ConfigDict:
+    """reward.kind = learned_human: the head ``python -m therapy_rl.rate train-rm`` fits to the ratings."""
+    l = ml_collections.ConfigDict()  # noqa: E741
+    l.model_path = ""  # its reward_model.npz; required for this kind
+    l.scale = 1.0  # total = scale x predicted rating (0-1)
+    return l
+
+
 def ppo_defaults() -> ml_collections.ConfigDict:
     """PPO from an SFT run, in the paper's settings (TRL 0.11 PPOTrainer): batch and mini-batch 16, 4 PPO epochs,
     lr 1e-6, clip 0.2, value-loss weight 0.1, adaptive KL 0.2 (target 6, horizon 10000), gamma 1, lambda 0.95,
@@ -144,7 +169,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.kl_estimator = "k1"  # k1 | k2 | k3 | abs: per-token KL in the penalty
     p.gamma = 1.0
     p.lam = 0.95
-    p.score_clip = 10.0  # raw reward clipped to [-c, c] before whitening; <= 0 = off
+    p.score_clip = 10.0  # raw reward clipped to [-c, c] (safety penalty exempt) before whitening; <= 0 = off
     p.whiten_scores = True  # whiten rewards over the batch (the paper)
     p.whiten_advantages = True
     p.whiten_token_rewards = False
@@ -157,7 +182,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     c.ppo = p
 
     r = ml_collections.ConfigDict()
-    r.kind = "therapy"  # therapy (rewards/combine.py) | emotion_tag | target_token
+    r.kind = "therapy"  # therapy (rewards/combine.py) | emotion_tag | target_token | human | learned_human
     t = ml_collections.ConfigDict()  # rewards.combine.RewardConfig fields (unset ones keep its defaults)
     t.quality_weight = 1.1
     t.emotion_weight = 1.2
@@ -186,6 +211,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     k.token_id = -1  # >= 0 overrides `token`
     k.scale = 1.0
     r.target_token = k
+    r.human = human_reward_defaults()  # reward.kind = human (therapy_rl/rate)
+    r.learned_human = learned_human_reward_defaults()  # reward.kind = learned_human (therapy_rl/rate)
     c.reward = r
 
     c.sampling = sampling_defaults()

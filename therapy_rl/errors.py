@@ -1,7 +1,8 @@
 """Errors a user causes (bad flag or value, missing file or data, wrong workdir, a busy or incompatible run).
 
-``main`` turns a ``UserError`` into one line ``error: …`` on stderr and exit status 2, with no traceback
-(set ``THERAPY_RL_DEBUG=1`` or pass ``--debug`` to see it). The message names the thing and the fix.
+``cli.run_cli`` (behind ``main`` and ``chat``) turns a ``UserError`` into one line ``error: …`` on stderr and exit
+status 2, and a ``NonFiniteError`` into one line and status 3, with no traceback (set ``THERAPY_RL_DEBUG=1`` or
+pass ``--debug`` to see it). The message names the thing and the fix.
 Subclasses also derive from the built-in error a caller would expect (``ValueError``/``FileNotFoundError``),
 so library code catching those keeps working.
 """

@@ -1,11 +1,17 @@
-"""Entry point: ``python -m therapy_rl.main --config configs/X.py --workdir DIR [--config.a.b=v]``.
+"""Entry point: ``python -m therapy_rl.main --config configs/X.py --workdir DIR [--config.a.b=v] [--debug]``.
 
 Wires a config to its stage (``config.mode``: sft | ppo | eval); the stages live in importable modules.
 Running the same command again on the same workdir resumes from the last checkpoint.
+The whole config is checked (``config_validation``) before any data is read or the workdir is created; a mistake
+prints one line ``error: …`` and exits with status 2 (``cli.run_cli``; ``--debug`` shows the traceback).
 """
 
-from absl import app, flags, logging
+import sys
+
+from absl import flags, logging
 from ml_collections import config_flags
+
+from therapy_rl import cli, errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard events, reports.")
@@ -20,10 +26,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.ConfigError(f"unexpected arguments {argv[1:]}: pass every option as --flag=value")
     import jax
 
-    if not any(arg.startswith(("--verbosity", "-v")) for arg in argv[0:0] + __import__("sys").argv[1:]):
+    if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
     if FLAGS.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
@@ -33,18 +39,19 @@ def main(argv):
     logging.info("JAX process %d/%d, local devices %s, global device count %d", jax.process_index(),
                  jax.process_count(), jax.local_devices(), jax.device_count())
     config = FLAGS.config
+    from therapy_rl import config_validation
+
+    config_validation.validate(config, FLAGS.workdir)
     if config.mode == "sft":
         from therapy_rl import sft
         sft.train_and_evaluate(config, FLAGS.workdir)
     elif config.mode == "ppo":
         from therapy_rl.ppo import trainer
         trainer.train_and_evaluate(config, FLAGS.workdir)
-    elif config.mode == "eval":
+    else:
         from therapy_rl.evaluation import runner
         runner.evaluate(config, FLAGS.workdir)
-    else:
-        raise app.UsageError(f"config.mode must be sft, ppo or eval, got {config.mode!r}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_cli(main)

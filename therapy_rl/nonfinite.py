@@ -2,13 +2,14 @@
 
 Inside a jitted step, `code(...)` folds a few scalars into one int32 bitmask (bit i set = quantity i is NaN or
 Inf), returned in the step's metrics under `KEY`: one fused reduction, one scalar for the host to read. The loop
-reads it each step and raises `NonFiniteError` naming the step and the quantities, before anything is saved.
+hands it to a `StepGuard`, which reads it one step late (the device always has the next step queued) and at
+once before a log, an eval or a save, and raises `NonFiniteError` naming the first bad step and the quantities.
 `Checkpointer.save` also refuses a tree holding a non-finite value (`first_nonfinite_leaves`), a last barrier.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,24 +26,49 @@ def code(*quantities: jax.Array) -> jax.Array:
     return sum(bits[1:], bits[0]).astype(jnp.int32)
 
 
-def names_of(bitmask: int, names: Sequence[str]) -> list[str]:
-    return [name for i, name in enumerate(names) if int(bitmask) >> i & 1]
+def describe(bitmask: int, names: Sequence[str]) -> str:
+    """The ``names`` whose bits are set in ``bitmask``, joined with "and"."""
+    found = [name for i, name in enumerate(names) if int(bitmask) >> i & 1]
+    return " and ".join(found) or f"value (code {int(bitmask)})"
 
 
-def stop(bitmask: int, names: Sequence[str], where: str, last_good: str, hint: str) -> None:
-    """Raises `NonFiniteError` when ``bitmask`` is non-zero: "non-finite <quantities> at <where>; <last_good>. <hint>"."""
-    if not bitmask:
-        return
-    found = " and ".join(names_of(bitmask, names)) or f"quantity (code {int(bitmask)})"
-    raise errors.NonFiniteError(f"non-finite {found} at {where}: the run stopped without saving it; "
-                                f"{last_good}. {hint}")
+def error(what: str, where: str, advice: str) -> errors.NonFiniteError:
+    """The error a loop raises: 'non-finite <what> at <where>: the run stopped without saving it. <advice>'."""
+    return errors.NonFiniteError(f"non-finite {what} at {where}: the run stopped without saving it. {advice}")
 
 
-def check_value(value: float, name: str, where: str, last_good: str, hint: str) -> None:
-    """Raises `NonFiniteError` when the host float ``value`` is NaN or Inf."""
-    if not np.isfinite(value):
-        raise errors.NonFiniteError(f"non-finite {name} ({value}) at {where}: the run stopped without saving it; "
-                                    f"{last_good}. {hint}")
+def advice(last_ckpt, learning_rate: float) -> str:
+    """Where the run can restart from, and what to change (a changed learning rate is allowed on resume)."""
+    step = last_ckpt.latest_step()
+    where = (f"The last checkpoint is step {step} in {last_ckpt.directory}" if step is not None
+             else "No checkpoint was saved yet")
+    return (f"{where}; lower config.learning_rate (now {learning_rate:g}) or lengthen the warm-up, and run the "
+            f"same command to {'resume from it' if step is not None else 'start again'}")
+
+
+class StepGuard:
+    """Checks each step's bitmask: `push` reads the previous step's (done by the time the next one is queued),
+    `flush` the pending one. Raises `NonFiniteError` for the first step with a bit set."""
+
+    def __init__(self, names: Sequence[str], advice_fn: Callable[[], str], unit: str = "step"):
+        self.names, self.advice_fn, self.unit = tuple(names), advice_fn, unit
+        self._pending: tuple[int, jax.Array] | None = None
+
+    def push(self, step: int, bitmask: jax.Array) -> None:
+        previous, self._pending = self._pending, (step, bitmask)
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        """Reads the pending bitmask: call before using the state (log, eval, save)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._check(*pending)
+
+    def _check(self, step: int, bitmask: jax.Array) -> None:
+        bad = int(bitmask)  # one scalar transfer
+        if bad:
+            raise error(describe(bad, self.names), f"{self.unit} {step}", self.advice_fn())
 
 
 @jax.jit

@@ -8,6 +8,7 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from therapy_rl import sampling
 from therapy_rl.data import tokenize
@@ -38,6 +39,17 @@ def padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[t
         yield {k: v[rows] for k, v in arrays.items()}, real
 
 
+def host_copy(tree: Any) -> Any:
+    """Whole arrays as numpy. An array spread over several processes is gathered: a collective, so every
+    process must call this with the same arrays."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
 def generate_token_rows(generate_fn, params: Any, prompts: dict[str, np.ndarray], batch_size: int,
                         rng: jax.Array) -> list[np.ndarray]:
     """Generated token ids of every prompt row, in order, each cut at its response length. The last batch's filler
@@ -46,7 +58,7 @@ def generate_token_rows(generate_fn, params: Any, prompts: dict[str, np.ndarray]
     for index, (batch, real) in enumerate(padded_batches(dict(prompts), batch_size)):
         active = (np.arange(batch_size) < real).astype(np.int32)
         out = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index), active)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        tokens, lengths = host_copy((out.tokens, out.lengths))
         rows.extend(np.asarray(tokens[r, :lengths[r]]) for r in range(real))
     return rows
 
@@ -61,14 +73,18 @@ def generate_replies(generate_fn, params: Any, tok: tokenize.TherapyTokenizer, p
     return out
 
 
-def print_sample_replies(model_config, params, tok, split_arrays, config, count: int) -> list[Reply]:
-    """Generates and prints replies for the first ``count`` validation prompts."""
+def print_sample_replies(model_config, params, tok, split_arrays, config, count: int,
+                         title: str | None = None) -> list[Reply]:
+    """Generates replies for the first ``count`` validation prompts (every process must call this: on several
+    processes it gathers), and prints them, under ``title``, from process 0 only."""
     prompts = {k: v[:count] for k, v in split_arrays.prompts.items()}
     sampling_config = sampling_config_from(config.sampling, tok)
     generate_fn = sampling.make_generate_fn(model_config, sampling_config)
     rng = jax.random.fold_in(jax.random.key(config.seed), 7)
     replies = generate_replies(generate_fn, params, tok, prompts, count, rng)
     if jax.process_index() == 0:
+        if title:
+            print(title)
         for row, reply in zip(prompts["sample_index"], replies):
             sample = split_arrays.samples[int(row)]
             print(f"\n[user ({sample.user_emotion})] {sample.user_text}\n"

@@ -4,28 +4,36 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
+import time
 from typing import Any
 
+from therapy_rl import errors
 from therapy_rl.models import gpt2
 
 RUN_INFO = "run_info.json"
 
 
-def write_run_info(workdir: str, config, model_config: gpt2.GPT2Config) -> None:
-    """Atomically writes the model config and the data options the run was trained with."""
+def write_run_info(workdir: str, config, model_config: gpt2.GPT2Config, resume: dict | None = None) -> None:
+    """Atomically writes the model config, the data options and the config the run is trained with (process 0).
+
+    The ``resumes`` list of an existing file is kept; ``resume`` (from `check_resume`) is appended to it.
+    """
     import jax
 
     if jax.process_index() != 0:
         return
+    path = os.path.join(workdir, RUN_INFO)
+    resumes = read_run_info(workdir).get("resumes", []) if os.path.exists(path) else []
     info = {
         "mode": config.mode,
         "model_config": dataclasses.asdict(model_config),
         "data": config.data.to_dict(),
-        "config": json.loads(config.to_json_best_effort()),
+        "config": _config_json(config),
+        "resumes": resumes + ([resume] if resume is not None else []),
     }
-    path = os.path.join(workdir, RUN_INFO)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -37,6 +45,113 @@ def read_run_info(workdir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a therapy_rl run directory?")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------ resume check
+
+# Fields a resume may change: how long to train, the optimizer's step size and schedule, the logging, eval and
+# checkpoint cadence, the device layout and memory knobs, and what is printed. Any other change is refused: it
+# would change the model, tokenizer, data, reward or run identity under the saved checkpoints.
+RESUMABLE_FIELDS = (
+    "max_steps", "max_iterations", "num_epochs",
+    "learning_rate", "warmup_fraction", "lr_schedule", "weight_decay", "grad_clip_norm",
+    "adam_b1", "adam_b2", "adam_eps",
+    "log_every_*", "eval_every_*", "checkpoint_every_*", "keep_checkpoints", "early_stopping_patience_evals",
+    "eval_at_start", "eval_batch_size", "progress_bar", "num_sample_replies",
+    "mesh.*", "grad_accum_steps", "ppo.grad_accum_steps", "model.remat",
+)
+RESUMABLE_IN_MODE = {"sft": ("sampling.*", "export_hf")}  # SFT samples only for the printed replies
+MAP_FIELDS = ("data.esconv_emotion_map",)  # user maps, compared whole
+
+
+def _config_json(config) -> dict[str, Any]:
+    return json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else dict(config)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, dict) and value and path not in MAP_FIELDS:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _defaults_of(mode: str) -> dict[str, Any]:
+    from therapy_rl import defaults
+
+    make = {"sft": defaults.sft_defaults, "ppo": defaults.ppo_defaults}.get(mode)
+    return _flatten(_config_json(make())) if make else {}
+
+
+def _same(field: str, old: Any, new: Any) -> bool:
+    if field == "init_from" and old and new:  # one folder, spelled relative or absolute
+        return os.path.realpath(old) == os.path.realpath(new)
+    return old == new
+
+
+def _refusal(field: str, old: Any, new: Any, mode: str) -> str | None:
+    """Why ``field`` may not change from ``old`` to ``new`` on resume; None when it may."""
+    allowed = RESUMABLE_FIELDS + RESUMABLE_IN_MODE.get(mode, ())
+    if not any(fnmatch.fnmatchcase(field, pattern) for pattern in allowed):
+        return f"config.{field}: {old!r} -> {new!r}"
+    if field == "grad_clip_norm" and (float(old or 0) > 0) != (float(new or 0) > 0):
+        return f"config.{field}: {old!r} -> {new!r} (turning clipping on or off changes the optimizer state)"
+    return None
+
+
+def config_changes(saved: dict[str, Any], config) -> dict[str, list]:
+    """{field: [saved value, new value]} for every field ``config`` sets differently from the ``saved`` config
+    (run_info.json's "config"). A field the saved config lacks (added since) counts only when set away from
+    its default; a field the new config lacks (removed since) is ignored."""
+    old, new = _flatten(saved), _flatten(_config_json(config))
+    defaults = _defaults_of(str(new.get("mode", "")))
+    changes = {}
+    for field, value in new.items():
+        before = old[field] if field in old else defaults.get(field, value)
+        if not _same(field, before, value):
+            changes[field] = [old.get(field), value]
+    return changes
+
+
+def check_resume(workdir: str, config) -> dict[str, Any] | None:
+    """Compares ``config`` with the one saved in ``workdir/run_info.json`` before anything is written.
+
+    Returns None for a new run, else the resume record to append to run_info.json's ``resumes``:
+    {"time", "changed": {field: [old, new]}}. Raises `IncompatibleResumeError` naming each field that may not
+    change (RESUMABLE_FIELDS lists those that may), with its saved and new values.
+    """
+    path = os.path.join(workdir, RUN_INFO)
+    if not os.path.exists(path):
+        return None
+    try:
+        saved = read_run_info(workdir)
+    except ValueError as e:
+        raise errors.InputError(f"{path} is not valid JSON ({e}): is {workdir!r} a therapy_rl run directory?")
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_step": _last_checkpoint_step(workdir)}
+    if saved.get("mode") != config.mode:
+        raise errors.IncompatibleResumeError(
+            f"{workdir} holds a {saved.get('mode')} run ({path}); this {config.mode} run needs its own --workdir")
+    if "config" not in saved:  # written before run_info.json held the config: nothing to compare with
+        return {**record, "changed": {}}
+    changes = config_changes(saved["config"], config)
+    mode = str(config.mode)
+    refused = [reason for field, (old, new) in changes.items() if (reason := _refusal(field, old, new, mode))]
+    if refused:
+        raise errors.IncompatibleResumeError(
+            f"cannot resume {workdir} with this config, it differs from the run's ({path}) in {len(refused)} "
+            f"field(s) that fix the model, tokenizer, data, reward or run: {'; '.join(refused)}. Resume with the "
+            f"saved values, or pass a new --workdir")
+    return {**record, "changed": changes}
+
+
+def _last_checkpoint_step(workdir: str) -> int | None:
+    """The latest committed step under ``workdir/checkpoints`` (orbax renames a step's folder when complete)."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
 
 
 def model_config_of(workdir: str, **overrides) -> gpt2.GPT2Config:

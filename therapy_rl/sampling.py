@@ -1,7 +1,8 @@
 """Autoregressive sampling: prefill the prompt into a KV cache, then a `lax.while_loop` decode.
 
 Everything here is traceable; `make_generate_fn` jits `generate` once for a (model config, sampling
-config) pair, and callers may pass mesh shardings through it.
+plan) pair, with temperature, top-k and top-p as traced values (one compile for a decoding grid), and
+callers may pass mesh shardings through it.
 
 Logprobs (decision): `SampleOutput.logprobs[b, n]` is log softmax of the RAW model logits (temperature 1,
 no top-k/top-p) at the chosen token, i.e. exactly what a teacher-forced forward pass of the same params
@@ -19,6 +20,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from therapy_rl.models.gpt2 import GPT2Config, GPT2LMHeadModel, KVCache, init_cache, lm_logits
@@ -56,6 +58,48 @@ class SampleOutput(NamedTuple):
     sampling_logprobs: jax.Array  # [B, N] float32; log p under the filtered, tempered distribution; 0 for greedy
 
 
+# ----------------------------------------------------------------------------------------------- plan and knobs
+#
+# A SamplingConfig splits into a static plan (what changes the compiled program: length, EOS/pad, greedy, which
+# filters run, the size of the top-k candidate set) and traced knobs (temperature, k, p). One compiled sampler
+# thus serves every temperature, every top_p < 1 and every top_k in one candidate bucket: a decoding grid.
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """The static part of a SamplingConfig (a jit static argument)."""
+
+    max_new_tokens: int
+    greedy: bool
+    top_k_candidates: int  # 0 = top-k off; else the static size of the set the traced k is taken from
+    top_p: bool  # nucleus filter on
+    eos_id: Optional[int]
+    pad_id: int
+
+
+class SamplingKnobs(NamedTuple):
+    """The traced part: any values run in the plan's compiled program."""
+
+    temperature: jax.Array  # float32 []
+    top_k: jax.Array  # int32 []; used only when plan.top_k_candidates > 0
+    top_p: jax.Array  # float32 []; used only when plan.top_p
+
+
+# Smallest top-k candidate set: top_k 1..64 share one compiled sampler (XLA's TopK costs about the same).
+MIN_TOP_K_CANDIDATES = 64
+
+
+def split_sampling(sampling: SamplingConfig) -> Tuple[SamplingPlan, SamplingKnobs]:
+    filtering = not sampling.greedy
+    k = sampling.top_k if filtering else 0
+    candidates = 0 if k == 0 else max(MIN_TOP_K_CANDIDATES, 1 << (k - 1).bit_length())
+    plan = SamplingPlan(max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k_candidates=candidates,
+                        top_p=filtering and sampling.top_p < 1.0, eos_id=sampling.eos_id, pad_id=sampling.pad_id)
+    knobs = SamplingKnobs(temperature=np.float32(sampling.temperature if filtering else 1.0),
+                          top_k=np.int32(k), top_p=np.float32(sampling.top_p))
+    return plan, knobs
+
+
 # ----------------------------------------------------------------------------------------------- filters
 #
 # Semantics (shared by the pure filters, the sampler and the NumPy reference in the tests):
@@ -71,11 +115,19 @@ NUCLEUS_CANDIDATES = 256
 
 
 def _top_values(logits: jax.Array, k: int) -> jax.Array:
-    """The k largest logits per row, descending."""
-    # XLA's CPU pipeline rewrites a TopK whose indices go unused into a full sort (~100x slower at
-    # V=50257); the optimisation barrier on both outputs keeps the TopK op.
-    values, _ = lax.optimization_barrier(lax.top_k(logits, k))
-    return values
+    """The k largest logits per row, descending.
+
+    XLA:CPU turns every TopK into sort + slice and back into a TopK kernel only while the slice is the
+    whole [0, k) prefix; a consumer that slices further (`values[..., -1]`) gets merged into it and
+    leaves a full sort (~100x slower at V=50257). So callers reduce over all k values (`_kth_largest`).
+    No optimisation barrier: on a multi-device mesh it crashes XLA's TopK decomposer.
+    """
+    return lax.top_k(logits, k)[0]
+
+
+def _kth_largest(top_values: jax.Array) -> jax.Array:
+    """[..., 1] the smallest of the descending top values: a full reduction, which keeps XLA's TopK."""
+    return jnp.min(top_values, axis=-1, keepdims=True)
 
 
 def apply_temperature(logits: jax.Array, temperature: float) -> jax.Array:
@@ -86,7 +138,7 @@ def apply_top_k(logits: jax.Array, k: int) -> jax.Array:
     """Keep logits >= the k-th largest (ties kept); others -> -inf. k=0 or k >= V: unchanged."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    threshold = _top_values(logits, k)[..., -1:]
+    threshold = _kth_largest(_top_values(logits, k))
     return jnp.where(logits < threshold, _NEG_INF, logits)
 
 
@@ -136,6 +188,11 @@ def apply_top_p(logits: jax.Array, p: float, sorted_candidates: Optional[jax.Arr
     """
     if p >= 1.0:
         return logits
+    return _nucleus(logits, p, sorted_candidates)
+
+
+def _nucleus(logits: jax.Array, p, sorted_candidates: Optional[jax.Array] = None) -> jax.Array:
+    """`apply_top_p` for a p that may be traced (p >= 1 keeps every logit here too)."""
     log_normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     vocab = logits.shape[-1]
 
@@ -157,13 +214,24 @@ def apply_top_p(logits: jax.Array, p: float, sorted_candidates: Optional[jax.Arr
 
 def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """Temperature, then top-k, then top-p (the Hugging Face order), as float32 logits [..., V]."""
-    logits = apply_temperature(logits.astype(jnp.float32), sampling.temperature)
+    return _filter(logits, *split_sampling(sampling))
+
+
+def _filter(logits: jax.Array, plan: SamplingPlan, knobs: SamplingKnobs) -> jax.Array:
+    logits = logits.astype(jnp.float32) / jnp.asarray(knobs.temperature, jnp.float32)  # x / 1 == x exactly
     vocab = logits.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        top_values = _top_values(logits, sampling.top_k)  # [..., k] descending
-        logits = jnp.where(logits < top_values[..., -1:], _NEG_INF, logits)
-        return apply_top_p(logits, sampling.top_p, sorted_candidates=top_values)
-    return apply_top_p(logits, sampling.top_p)
+    top_values = None
+    if plan.top_k_candidates:
+        top_values = _top_values(logits, min(plan.top_k_candidates, vocab))  # [..., C] descending
+        # The k best of the C candidates (k >= V keeps all: its k-th is the row's minimum); past k, -inf.
+        in_top_k = jnp.arange(top_values.shape[-1]) < knobs.top_k
+        top_values = jnp.where(in_top_k, top_values, _NEG_INF)
+        kth = jnp.min(jnp.where(in_top_k, top_values, jnp.inf), axis=-1, keepdims=True)  # a full reduction
+        logits = jnp.where(logits < kth, _NEG_INF, logits)
+    if plan.top_p:
+        # Top-k candidates past k are -inf: they carry no mass, and the kept set is the same as with exactly k.
+        logits = _nucleus(logits, knobs.top_p, sorted_candidates=top_values)
+    return logits
 
 
 # Two-level categorical draw: pick a block of the vocabulary by inverse CDF over block masses, then a
@@ -198,17 +266,34 @@ def _chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """One token per row from logits [B, V] -> (tokens [B] int32, raw logprob [B], sampling logprob [B])."""
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig | SamplingPlan,
+                 knobs: Optional[SamplingKnobs] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row from logits [B, V] -> (tokens [B] int32, raw logprob [B], sampling logprob [B]).
+    `sampling` is a SamplingConfig, or a SamplingPlan with (traced) `knobs`."""
+    return _sample_token(logits, rng, *_plan_and_knobs(sampling, knobs))
+
+
+def _sample_token(logits, rng, plan: SamplingPlan, knobs: SamplingKnobs):
     logits = logits.astype(jnp.float32)
-    if sampling.greedy:
+    if plan.greedy:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         sampling_lp = jnp.zeros(tokens.shape, jnp.float32)
     else:
-        filtered = filter_logits(logits, sampling)
+        filtered = _filter(logits, plan, knobs)
         tokens = categorical(rng, filtered)
         sampling_lp = _chosen_logprob(filtered, tokens)
     return tokens, _chosen_logprob(logits, tokens), sampling_lp
+
+
+def _plan_and_knobs(sampling, knobs: Optional[SamplingKnobs]) -> Tuple[SamplingPlan, SamplingKnobs]:
+    """A SamplingConfig (knobs None: its values become constants), or a SamplingPlan with (traced) knobs."""
+    if isinstance(sampling, SamplingPlan):
+        if knobs is None:
+            raise ValueError("a SamplingPlan needs its SamplingKnobs")
+        return sampling, knobs
+    if knobs is not None:
+        raise ValueError("knobs go with a SamplingPlan; a SamplingConfig carries its own values")
+    return split_sampling(sampling)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -230,14 +315,16 @@ class _LoopState(NamedTuple):
 
 
 def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
-                sampling: SamplingConfig, active: Optional[jax.Array] = None) -> SampleOutput:
+                sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
+                knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
     """Decode `sampling.max_new_tokens` tokens; the model is reached only through `step_fn`.
 
     first_logits [B, V] are the logits for token 0 (from the prefill). Each step splits the carried key,
     samples, marks rows finished on EOS (finished rows then emit pad_id), and stops early once every row
     is finished. `active` [B] bool (default all) marks rows to decode; inactive rows are finished from
-    the start and return only padding.
+    the start and return only padding. `sampling` is a SamplingConfig, or a SamplingPlan with `knobs`.
     """
+    sampling, knobs = _plan_and_knobs(sampling, knobs)
     batch = first_logits.shape[0]
     n_new = sampling.max_new_tokens
     eos = -1 if sampling.eos_id is None else sampling.eos_id
@@ -245,7 +332,7 @@ def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.
     finished0 = jnp.zeros((batch,), bool) if active is None else ~active.astype(bool)
 
     def emit(state: _LoopState, logits: jax.Array, key: jax.Array) -> _LoopState:
-        tokens, lp, slp = sample_token(logits, key, sampling)
+        tokens, lp, slp = _sample_token(logits, key, sampling, knobs)
         live = ~state.finished
         tokens = jnp.where(live, tokens, pad)
         lp, slp = jnp.where(live, lp, 0.0), jnp.where(live, slp, 0.0)
@@ -297,13 +384,15 @@ def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOu
 
 
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-             sampling: SamplingConfig, active: Optional[jax.Array] = None) -> SampleOutput:
+             sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
+             knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
     A cache of P + N slots is prefilled with the prompt, then one token per while-loop step. Positions
     continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
     rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
-    running. Rows whose prompt is all padding but are active decode from position 0.
+    running. Rows whose prompt is all padding but are active decode from position 0. `sampling` is a
+    SamplingConfig, or a SamplingPlan with (traced) `knobs`.
     """
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + sampling.max_new_tokens
@@ -328,18 +417,75 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
                           cache=cache, compute_logits=False)
         return lm_logits(params["wte"]["embedding"], out.hidden_states[:, 0], config), out.cache
 
-    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling, active=active)
+    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling, active=active, knobs=knobs)
 
 
-def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_kwargs):
+def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_kwargs) -> "Sampler":
     """`fn(params, prompt_ids, prompt_mask, rng, active=None) -> SampleOutput`, jitted for these static configs.
 
-    `jit_kwargs` go to `jax.jit` (e.g. in_shardings / out_shardings for a mesh; with in_shardings,
-    pass all five arguments positionally, `active` included).
+    Temperature, top_k and top_p are traced: without `jit_kwargs`, every SamplingConfig with the same plan
+    (`split_sampling`) shares one compiled program. `jit_kwargs` go to `jax.jit` (e.g. in_shardings /
+    out_shardings for a mesh; with in_shardings, pass the arguments positionally, one sharding each).
     """
-    fn = functools.partial(_generate_positional, config=model_config, sampling=sampling)
-    return jax.jit(fn, **jit_kwargs)
+    plan, knobs = split_sampling(sampling)
+    if not jit_kwargs:
+        return Sampler(_shared_generate(model_config, plan), knobs)
+    in_shardings = jit_kwargs.get("in_shardings")
+    if isinstance(in_shardings, (tuple, list)):  # the knobs come first, replicated
+        jit_kwargs = dict(jit_kwargs, in_shardings=(_replicated_like(in_shardings), *in_shardings))
+    return Sampler(_jit_generate(model_config, plan, jit_kwargs), knobs)
 
 
-def _generate_positional(params, prompt_ids, prompt_mask, rng, active=None, *, config, sampling):
-    return generate(params, config, prompt_ids, prompt_mask, rng, sampling, active=active)
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A jitted generate with its sampling values bound; `lower` for ahead-of-time compilation."""
+
+    jitted: Callable
+    knobs: SamplingKnobs
+
+    def __call__(self, *args) -> SampleOutput:
+        return self.jitted(self.knobs, *args)
+
+    def lower(self, *args) -> "_BoundStage":
+        return _BoundStage(self.jitted.lower(self.knobs, *args), self.knobs)
+
+    def _cache_size(self) -> int:
+        """Programs compiled so far (as for a jitted function); shared by every Sampler of the same plan."""
+        return self.jitted._cache_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class _BoundStage:
+    """A lowered or compiled Sampler that, like it, takes only the caller's arguments."""
+
+    stage: object  # jax.stages.Lowered or Compiled
+    knobs: SamplingKnobs
+
+    def compile(self) -> "_BoundStage":
+        return _BoundStage(self.stage.compile(), self.knobs)
+
+    def as_text(self) -> str:
+        return self.stage.as_text()
+
+    def __call__(self, *args) -> SampleOutput:
+        return self.stage(self.knobs, *args)
+
+
+def _jit_generate(model_config: GPT2Config, plan: SamplingPlan, jit_kwargs):
+    def knobbed(knobs, params, prompt_ids, prompt_mask, rng, active=None):
+        return generate(params, model_config, prompt_ids, prompt_mask, rng, plan, active=active, knobs=knobs)
+
+    return jax.jit(knobbed, **jit_kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_generate(model_config: GPT2Config, plan: SamplingPlan):
+    return _jit_generate(model_config, plan, {})
+
+
+def _replicated_like(in_shardings):
+    """A replicated sharding on the mesh of the first NamedSharding in `in_shardings` (None if there is none)."""
+    for leaf in jax.tree.leaves(in_shardings):
+        if isinstance(leaf, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
+    return None

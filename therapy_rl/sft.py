@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from therapy_rl import nonfinite, workdir_lock
 from therapy_rl.models import gpt2
+
+# What the step's `nonfinite.KEY` bitmask watches, bit by bit.
+GUARDED = ("training loss", "gradient norm", "parameter norm after the update")
 
 
 @flax.struct.dataclass
@@ -141,7 +145,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
     """``train_step(state, batch) -> (state, metrics)``.
 
     With ``grad_accum_steps = k`` the batch is split into k micro-batches scanned in order; summed gradients
-    are divided by the total target count, so the update equals the one of the whole batch.
+    are divided by the total target count, so the update equals the one of the whole batch. ``metrics`` holds
+    `nonfinite.KEY`, the bitmask of GUARDED quantities that are NaN or Inf (a parameter norm overflows once
+    weights pass ~1e19, so it also catches an update that blew them up without an Inf yet).
     """
 
     def sums_and_grads(params, micro_batch, key):
@@ -172,11 +178,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        loss, grad_norm, param_norm = sums["nll_sum"] / denominator, optax.tree.norm(grads), optax.tree.norm(params)
         metrics = {
-            "train/loss": sums["nll_sum"] / denominator,
+            "train/loss": loss,
             "train/token_accuracy": sums["correct_count"] / denominator,
             "train/target_tokens": sums["target_count"],
-            "train/grad_norm": optax.tree.norm(grads),
+            "train/grad_norm": grad_norm,
+            "train/param_norm": param_norm,
+            nonfinite.KEY: nonfinite.code(loss, grad_norm, param_norm),
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -257,8 +266,14 @@ def _optimizer_config(config, total_steps: int) -> OptimizerConfig:
                            grad_clip_norm=config.grad_clip_norm)
 
 
+@workdir_lock.locked
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) SFT in ``workdir``; returns the final validation metrics."""
+    """Runs (or resumes) SFT in ``workdir``, holding its lock; returns the final validation metrics.
+
+    Raises `RunBusyError` when another run holds the workdir, `IncompatibleResumeError` when the config changes a
+    field the saved run fixes (before anything is written), `NonFiniteError` at the first step whose loss,
+    gradients or updated parameters hold a NaN or Inf (nothing of that step is saved).
+    """
     import math
     import os
 
@@ -267,13 +282,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     from therapy_rl.metrics_writer import MetricsWriter
     from therapy_rl.models import build, gpt2
 
-    os.makedirs(workdir, exist_ok=True)
-    splits = pipeline.load_samples(config.data, ("train", "val", "test"))
+    resume = run_files.check_resume(workdir, config)  # first: a refused resume leaves the workdir untouched
+    no_val_ok = bool(config.data.get("allow_empty_validation", False))  # else an empty val split is an error
+    splits = pipeline.load_samples(config.data, ("train", "val", "test"), allow_empty_validation=no_val_ok)
     tok = pipeline.build_tokenizer(config.tokenizer, config.model, config.data, splits["train"], workdir)
     train = pipeline.encode_split(tok, config.data, splits["train"], with_prompts=False, name="train")
-    val = pipeline.encode_split(tok, config.data, splits["val"], name="val")
+    val = pipeline.encode_split(tok, config.data, splits["val"], name="val", allow_empty=no_val_ok)
+    validating = bool(val.samples)  # False: no val/loss, no best/
     model_config = build.model_config_from(config.model, tok.vocab_size)
-    run_files.write_run_info(workdir, config, model_config)
+    run_files.write_run_info(workdir, config, model_config, resume)
 
     mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     iterator = batches.BatchIterator(train.sft, config.global_batch_size, seed=config.seed)
@@ -308,37 +325,52 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     lr_at = learning_rate_schedule(_optimizer_config(config, total_steps))
     val_metrics: dict[str, float] = {}
     stop = tracker.should_stop
-    while step < total_steps and not stop:
-        state, metrics = train_step(state, parallel.global_batch_from_host(next(iterator), mesh))
-        step += 1
-        last = step == total_steps
-        if step % config.log_every_steps == 0 or last:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            metrics.update({"train/learning_rate": float(lr_at(step - 1)), "train/epoch": step / iterator.steps_per_epoch})
-            writer.write(step, metrics)
-            writer.advance(0, {"loss": metrics["train/loss"]})
-        writer.advance(1)
-        if step % config.eval_every_steps == 0 or last:
-            val_metrics = validation_metrics()
-            if tracker.update(val_metrics["val/loss"]):
-                best_ckpt.save(step, {"params": state.params}, {"val/loss": val_metrics["val/loss"]})
-            stop = tracker.should_stop
-            writer.write(step, {**val_metrics, "val/best_loss": tracker.best})
-        if step % config.checkpoint_every_steps == 0 or last or stop:
-            last_ckpt.save(step, state, {"data_iterator": iterator.get_state(), "best": tracker.to_json()})
-    writer.close()
+    guard = nonfinite.StepGuard(GUARDED, lambda: nonfinite.advice(last_ckpt, config.learning_rate))
+    try:
+        while step < total_steps and not stop:
+            state, metrics = train_step(state, parallel.global_batch_from_host(next(iterator), mesh))
+            step += 1
+            guard.push(step, metrics.pop(nonfinite.KEY))  # reads the previous step's flag: dispatch stays async
+            last = step == total_steps
+            if last or not (step % config.log_every_steps and step % config.eval_every_steps
+                            and step % config.checkpoint_every_steps):
+                guard.flush()  # this step's flag, before its metrics, eval or checkpoint are used
+            if step % config.log_every_steps == 0 or last:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                metrics.update({"train/learning_rate": float(lr_at(step - 1)),
+                                "train/epoch": step / iterator.steps_per_epoch})
+                writer.write(step, metrics)
+                writer.advance(0, {"loss": metrics["train/loss"]})
+            writer.advance(1)
+            if validating and (step % config.eval_every_steps == 0 or last):
+                val_metrics = validation_metrics()
+                if not math.isfinite(val_metrics["val/loss"]):  # checked before best/ could take it
+                    raise nonfinite.error(f"validation loss ({val_metrics['val/loss']})", f"step {step}",
+                                          nonfinite.advice(last_ckpt, config.learning_rate))
+                if tracker.update(val_metrics["val/loss"]):
+                    best_ckpt.save(step, {"params": state.params}, {"val/loss": val_metrics["val/loss"]})
+                stop = tracker.should_stop
+                writer.write(step, {**val_metrics, "val/best_loss": tracker.best})
+            if step % config.checkpoint_every_steps == 0 or last or stop:
+                last_ckpt.save(step, state, {"data_iterator": iterator.get_state(), "best": tracker.to_json()})
+    finally:
+        writer.close()
     if stop and step < total_steps:
         print(f"[sft] early stop at step {step}: no val/loss improvement in {tracker.patience_evals} evals")
-    if not val_metrics:
+    if not val_metrics and validating:
         val_metrics = validation_metrics()
-    print(f"[sft] step {step}: val/loss {val_metrics['val/loss']:.4f} (best {tracker.best:.4f}), "
-          f"checkpoints in {workdir}")
-    if config.num_sample_replies:
+    if validating:
+        print(f"[sft] step {step}: val/loss {val_metrics['val/loss']:.4f} (best {tracker.best:.4f}), "
+              f"checkpoints in {workdir}")
+    else:
+        print(f"[sft] step {step}: no validation split, so no best/; checkpoints in {workdir}")
+    if config.num_sample_replies and validating:
         from therapy_rl import replies
 
         best_params = best_ckpt.restore({"params": state.params})[0]["params"]
-        print(f"[sft] replies of the best checkpoint (step {best_ckpt.latest_step()}) for validation prompts:")
-        replies.print_sample_replies(model_config, best_params, tok, val, config, config.num_sample_replies)
+        replies.print_sample_replies(model_config, best_params, tok, val, config, config.num_sample_replies,
+                                     title=f"[sft] replies of the best checkpoint (step {best_ckpt.latest_step()}) "
+                                           "for validation prompts:")
     if config.export_hf and jax.process_index() == 0:
         from therapy_rl.models import hf_io
 

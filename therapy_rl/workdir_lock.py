@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -45,8 +46,12 @@ def _try_lock(path: str) -> tuple[int | None, dict]:
 
 
 def _busy_error(workdir: str, holder: dict) -> errors.RunBusyError:
-    who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')})"
-           if holder else "another process (its pid is not written yet)")
+    if "host" in holder:
+        who = f"pid {holder.get('pid', '?')} on host {holder['host']} (since {holder.get('since', '?')})"
+    elif holder.get("pid", -1) > 0:  # a process other than 0 knows only the pid process 0 read
+        who = f"pid {holder['pid']} on process 0's host"
+    else:
+        who = "another process (its pid is not written yet)"
     return errors.RunBusyError(f"workdir {workdir} is in use by {who}: one run per workdir. Wait for it to end, "
                                f"stop it, or pass another --workdir")
 
@@ -60,7 +65,7 @@ def _agree_across_processes(holder_pid: int) -> int:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return int(multihost_utils.broadcast_one_to_all(np.int64(holder_pid)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(holder_pid)))
 
 
 @contextlib.contextmanager
@@ -81,10 +86,8 @@ def hold(workdir: str):
     fd, holder = (None, {}) if jax.process_index() != 0 else _try_lock(path)
     busy_pid = 0 if jax.process_index() != 0 or fd is not None else int(holder.get("pid", -1) or -1)
     busy_pid = _agree_across_processes(busy_pid)
-    if busy_pid:
-        if fd is not None:
-            _release(fd)
-        raise _busy_error(workdir, holder or {"pid": busy_pid, "host": "(process 0's host)"})
+    if busy_pid:  # process 0 found it held (so holds no fd itself)
+        raise _busy_error(workdir, holder or {"pid": busy_pid})
     _held[path] = [fd, 1]
     try:
         yield
@@ -92,6 +95,17 @@ def hold(workdir: str):
         del _held[path]
         if fd is not None:
             _release(fd)
+
+
+def locked(stage):
+    """Decorator: ``stage(config, workdir, ...)`` runs holding ``workdir``'s lock (see `hold`)."""
+
+    @functools.wraps(stage)
+    def run_locked(config, workdir: str, *args, **kwargs):
+        with hold(workdir):
+            return stage(config, workdir, *args, **kwargs)
+
+    return run_locked
 
 
 def _release(fd: int) -> None:

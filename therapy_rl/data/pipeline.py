@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
+from therapy_rl import errors
 from therapy_rl.data import batches, labels, samples as samples_lib, sources, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -22,12 +23,47 @@ ESCONV_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 def dataset_dir(data_cfg, source: str) -> str:
     """``data_cfg.data_dir`` or ``$THERAPY_RL_DATA/<source>``, with a clear error when neither exists."""
     if data_cfg.data_dir:
+        if not os.path.isdir(data_cfg.data_dir):
+            raise errors.MissingFileError(f"--config.data.data_dir={data_cfg.data_dir}: no such folder; pass the "
+                                          f"folder holding the {source} files")
         return data_cfg.data_dir
     root = os.environ.get("THERAPY_RL_DATA", "")
     if not root:
-        raise FileNotFoundError(f"data source {source!r} needs --config.data.data_dir or $THERAPY_RL_DATA "
-                                "(the folder holding mesc/, esconv/, ...)")
+        raise errors.MissingFileError(f"data source {source!r} needs --config.data.data_dir=<folder> or "
+                                      "$THERAPY_RL_DATA (the folder holding mesc/, esconv/, ...)")
     return os.path.join(root, source)
+
+
+def _split_file(data_cfg, split: str) -> str | None:
+    """The file one split is read from (None for the bundled sample and MESC, whose splits share one file)."""
+    if data_cfg.source == "esconv":
+        return os.path.join(dataset_dir(data_cfg, "esconv"), ESCONV_FILES[split])
+    if data_cfg.source == "jsonl":
+        path = {"train": data_cfg.train_path, "val": data_cfg.val_path, "test": data_cfg.test_path}[split]
+        if not path:
+            raise errors.ConfigError(f"--config.data.{split}_path is empty: data.source=jsonl reads the {split} "
+                                     f"split from it")
+        return path
+    return None
+
+
+def check_data_files(data_cfg, splits: Sequence[str]) -> None:
+    """Every file the splits will be read from exists (nothing is read): the config check before a run."""
+    if data_cfg.source not in ("bundled_sample", "mesc", "esconv", "jsonl"):
+        raise errors.ConfigError(f"--config.data.source={data_cfg.source!r}: expected bundled_sample, mesc, esconv "
+                                 "or jsonl")
+    if data_cfg.source == "mesc":
+        csv_path = sources.mesc_csv_path(dataset_dir(data_cfg, "mesc"))
+        for split in splits:
+            json_path = csv_path.parent / f"{split}.json"
+            if data_cfg.problem_type == "json" and split != "train" and not json_path.is_file():
+                raise errors.MissingFileError(f"{json_path}: no such file (needed by --config.data.problem_type=json);"
+                                              " add it or use problem_type=unknown")
+    for split in splits:
+        path = _split_file(data_cfg, split)
+        if path is not None and not os.path.isfile(path):
+            where = "--config.data.data_dir" if data_cfg.source == "esconv" else f"--config.data.{split}_path"
+            raise errors.MissingFileError(f"{path}: no such file for the {split} split; check {where}")
 
 
 def read_split(data_cfg, split: str) -> tuple[list[sources.Dialogue], sources.ReadReport]:
@@ -40,15 +76,11 @@ def read_split(data_cfg, split: str) -> tuple[list[sources.Dialogue], sources.Re
                                  problem_types=data_cfg.problem_type)
     if source == "esconv":
         emotion_map = dict(data_cfg.esconv_emotion_map) if data_cfg.get("esconv_emotion_map") else None
-        path = os.path.join(dataset_dir(data_cfg, "esconv"), ESCONV_FILES[split])
-        return sources.read_esconv(path, emotion_map=emotion_map, strict=strict,
+        return sources.read_esconv(_split_file(data_cfg, split), emotion_map=emotion_map, strict=strict,
                                    supporter_emotion=data_cfg.get("esconv_supporter_emotion", "neutral"))
     if source == "jsonl":
-        path = {"train": data_cfg.train_path, "val": data_cfg.val_path, "test": data_cfg.test_path}[split]
-        if not path:
-            raise ValueError(f"data.source=jsonl needs --config.data.{split}_path")
-        return sources.read_jsonl(path, strict=strict)
-    raise ValueError(f"unknown data.source {source!r}; expected bundled_sample, mesc, esconv or jsonl")
+        return sources.read_jsonl(_split_file(data_cfg, split), strict=strict)
+    raise errors.ConfigError(f"--config.data.source={source!r}: expected bundled_sample, mesc, esconv or jsonl")
 
 
 def sample_options(data_cfg) -> samples_lib.SampleOptions:
@@ -61,8 +93,12 @@ def sample_options(data_cfg) -> samples_lib.SampleOptions:
     )
 
 
-def load_samples(data_cfg, splits: Sequence[str] = ("train", "val")) -> dict[str, list[samples_lib.Sample]]:
-    """Samples per split, logging dialogue counts, skipped records and sample counts."""
+def load_samples(data_cfg, splits: Sequence[str] = ("train", "val"),
+                 allow_empty_validation: bool = False) -> dict[str, list[samples_lib.Sample]]:
+    """Samples per split, logging dialogue counts, skipped records, truncated texts and sample counts.
+
+    A split without samples is an ``errors.InputError`` naming its file, except "val" with
+    ``allow_empty_validation`` (SFT then runs without validation)."""
     opts = sample_options(data_cfg)
     out = {}
     for split in splits:
@@ -73,10 +109,33 @@ def load_samples(data_cfg, splits: Sequence[str] = ("train", "val")) -> dict[str
             split_samples = split_samples[:limit]
         logging.info("data %s/%s: %s; %s; kept %d samples", data_cfg.source, split, read_report.summary(),
                      sample_report.summary(), len(split_samples))
+        notes = []
+        if read_report.records_skipped:
+            notes.append(f"{read_report.records_skipped} bad records skipped")
+        if read_report.truncated_texts:
+            notes.append(f"{read_report.truncated_texts} texts over {sources.MAX_TEXT_CHARS} characters truncated")
         print(f"[data] {data_cfg.source} {split}: {len(dialogues)} dialogues, {len(split_samples)} samples"
-              f"{' (' + str(read_report.records_skipped) + ' bad records skipped)' if read_report.records_skipped else ''}")
+              f"{' (' + '; '.join(notes) + ')' if notes else ''}")
+        if not split_samples:
+            if not (split == "val" and allow_empty_validation):
+                raise errors.InputError(_empty_split_message(split, read_report, len(dialogues)))
+            print("[data] no validation samples: training runs without validation and keeps no best/ checkpoint")
         out[split] = split_samples
     return out
+
+
+def _empty_split_message(split: str, report: sources.ReadReport, num_dialogues: int) -> str:
+    if report.records_read == 0:
+        skipped = f" ({report.records_skipped} bad records skipped)" if report.records_skipped else ""
+        problem = f"no records{skipped}, so the {split} split is empty"
+    elif num_dialogues == 0:
+        problem = f"none of its {report.records_read} records belongs to the {split} split"
+    else:
+        problem = (f"the {split} split's {num_dialogues} dialogues give no samples (no client turn answered by a "
+                   "therapist turn)")
+    fix = ("; add validation dialogues, or for SFT pass --config.data.allow_empty_validation=True to train "
+           "without validation" if split == "val" else f"; add {split} dialogues")
+    return f"{report.path}: {problem}{fix}"
 
 
 def build_tokenizer(tokenizer_cfg, model_cfg, data_cfg, train_samples, workdir: str) -> tokenize.TherapyTokenizer:
@@ -127,7 +186,11 @@ class SplitArrays:
 
 
 def encode_split(tok: tokenize.TherapyTokenizer, data_cfg, split_samples, with_sft: bool = True,
-                 with_prompts: bool = True, name: str = "") -> SplitArrays:
+                 with_prompts: bool = True, name: str = "", allow_empty: bool = False) -> SplitArrays:
+    """Arrays of one split. No SFT sequence left after fitting ``max_length_tokens`` is an ``InputError``, or
+    with ``allow_empty`` an empty SplitArrays (no samples, no arrays)."""
+    if not split_samples and allow_empty:
+        return SplitArrays([], None, None)
     opts = sample_options(data_cfg)
     encoded = tokenize.encode_samples(tok, split_samples, opts)
     sft_arrays = prompt_arrays = None
@@ -135,6 +198,14 @@ def encode_split(tok: tokenize.TherapyTokenizer, data_cfg, split_samples, with_s
         sft_arrays, report = batches.make_sft_arrays(encoded, data_cfg.max_length_tokens, pad_id=tok.pad_id,
                                                      drop_long=data_cfg.drop_long)
         print(f"[data] {name} sequences: {report.summary()}")
+        if report.kept == 0:
+            if allow_empty:
+                print(f"[data] no {name} sequence is left: running without it")
+                return SplitArrays([], None, None)
+            trim = ", or pass --config.data.drop_long=False to trim long user texts" if data_cfg.drop_long else ""
+            raise errors.InputError(
+                f"none of the {report.total} {name} sequences fits --config.data.max_length_tokens="
+                f"{data_cfg.max_length_tokens} (longest {report.longest} tokens): raise it{trim}")
     if with_prompts:
         prompt_arrays, report = batches.make_prompt_arrays(encoded, split_samples, data_cfg.max_prompt_tokens,
                                                            pad_id=tok.pad_id, drop_long=False)

@@ -3,7 +3,9 @@ the bundled sample. Every reader returns ``(list[Dialogue], ReadReport)``.
 
 Bad records raise ``DataError`` naming file, line and field (``strict=True``) or are skipped and counted by
 reason in the ``ReadReport`` (``strict=False``), so nothing is dropped silently. Files are read as bytes and
-decoded line by line, so even a bad UTF-8 byte is reported with its line. No jax, no models.
+decoded line by line, so even a bad UTF-8 byte is reported with its line. CSV fields have no size limit short of
+memory; a text over ``MAX_TEXT_CHARS`` is cut to that length and counted (``ReadReport.truncated_texts``).
+No jax, no models.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
+from therapy_rl import errors
 from therapy_rl.data.labels import EMOTIONS, ESCONV_STRATEGIES, MESC_STRATEGIES
 
 Speaker = Literal["client", "therapist"]
@@ -32,6 +35,10 @@ BAD_UTF8 = "bad_utf8"
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 UNKNOWN_PROBLEM = "unknown"
+# Longest text kept, in characters (~2,500 tokens: more than any model's positions, so nothing a model can read is
+# lost). A client text keeps its end (the part the reply answers), a therapist text its start.
+MAX_TEXT_CHARS = 10_000
+CSV_FIELD_LIMIT = 2**31 - 1  # csv's default is 131,072 characters; this is the largest every platform accepts
 
 # MESC official split (Chu et al.): Dialogue_IDs of MESC.csv matched to val.json / test.json, in the order the
 # dialogues appear in those files. Every other Dialogue_ID is train (815 dialogues).
@@ -87,8 +94,8 @@ class Dialogue:
     source: str  # "mesc" | "esconv" | "jsonl" | "sample"
 
 
-class DataError(ValueError):
-    """A bad record: the message is ``'<file>:<line>: field <field>: <problem>'``."""
+class DataError(errors.InputError):
+    """A bad record: the message is ``'<file>:<line>: field <field>: <problem>'`` (a user error: one line)."""
 
     def __init__(self, path: str | Path, line: int, field: str, reason: str, problem: str):
         self.path, self.line, self.field, self.reason = str(path), line, field, reason
@@ -105,6 +112,7 @@ class ReadReport:
     messages: list[str] = dataclasses.field(default_factory=list)  # the first MAX_MESSAGES skip messages
     dialogues: int = 0
     utterances: int = 0
+    truncated_texts: int = 0  # texts of this split cut to MAX_TEXT_CHARS
 
     MAX_MESSAGES = 20
 
@@ -120,7 +128,8 @@ class ReadReport:
     def summary(self) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
         return (f"{self.path}: {self.dialogues} dialogues, {self.utterances} utterances from "
-                f"{self.records_read} records; skipped {self.records_skipped} ({reasons})")
+                f"{self.records_read} records; skipped {self.records_skipped} ({reasons}); "
+                f"{self.truncated_texts} texts truncated to {MAX_TEXT_CHARS} characters")
 
 
 # ---------------------------------------------------------------- field checks shared by every reader
@@ -212,6 +221,8 @@ class _CsvRow:
 def _iter_csv_rows(path: Path, strict: bool, report: ReadReport) -> Iterator[_CsvRow]:
     """Validated rows of a MESC-schema CSV; bad rows raise (strict) or are counted and skipped."""
     lines, bad_lines = _decoded_lines(path)
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     reader = csv.reader(iter(lines), strict=True)
     header, columns = None, {}
     while True:
@@ -301,13 +312,14 @@ def _read_mesc_csv(path: Path, strict: bool, report: ReadReport) -> dict[int, tu
     return {d: tuple(turns[k] for k in sorted(turns)) for d, turns in sorted(grouped.items())}
 
 
-def _mesc_csv_path(data_dir: str | Path) -> Path:
+def mesc_csv_path(data_dir: str | Path) -> Path:
     """Accepts the folder holding MESC.csv or its parent (e.g. $THERAPY_RL_DATA with a mesc/ subfolder)."""
     data_dir = Path(data_dir)
     for candidate in (data_dir / "MESC.csv", data_dir / "mesc" / "MESC.csv"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"MESC.csv not found in {data_dir} or {data_dir / 'mesc'}")
+    raise errors.MissingFileError(f"MESC.csv not found in {data_dir} or {data_dir / 'mesc'}; pass "
+                                  "--config.data.data_dir=<the folder holding MESC.csv>")
 
 
 def mesc_split_of(dialogue_id: int) -> str:
@@ -361,7 +373,7 @@ def read_mesc(data_dir: str | Path, split: str, strict: bool = True,
         raise ValueError(f"split must be one of {MESC_SPLITS}, got {split!r}")
     if problem_types not in MESC_PROBLEM_TYPE_POLICIES:
         raise ValueError(f"problem_types must be one of {MESC_PROBLEM_TYPE_POLICIES}, got {problem_types!r}")
-    path = _mesc_csv_path(data_dir)
+    path = mesc_csv_path(data_dir)
     report = ReadReport(str(path))
     grouped = _read_mesc_csv(path, strict, report)
     problems: dict[int, str] = {}
@@ -370,7 +382,7 @@ def read_mesc(data_dir: str | Path, split: str, strict: bool = True,
         problems = _mesc_json_problem_types(path.parent / f"{split}.json", ids, grouped)
     dialogues = [Dialogue(str(d), problems.get(d, UNKNOWN_PROBLEM), utterances, "mesc")
                  for d, utterances in grouped.items() if mesc_split_of(d) == split]
-    return dialogues, _finish(report, dialogues)
+    return _finish(report, dialogues)
 
 
 def read_bundled_sample(split: str, strict: bool = True,
@@ -395,13 +407,28 @@ def read_bundled_sample(split: str, strict: bool = True,
         if not problem:
             raise DataError(problem_path, 1, str(dialogue_id), MISSING_FIELD, "no problem type")
         dialogues.append(Dialogue(str(dialogue_id), problem, grouped[dialogue_id], "sample"))
-    return dialogues, _finish(report, dialogues)
+    return _finish(report, dialogues)
 
 
-def _finish(report: ReadReport, dialogues: Sequence[Dialogue]) -> ReadReport:
-    report.dialogues = len(dialogues)
-    report.utterances = sum(len(d.utterances) for d in dialogues)
-    return report
+def _fit_text(utterance: Utterance) -> Utterance:
+    text = utterance.text
+    text = text[-MAX_TEXT_CHARS:].lstrip() if utterance.speaker == "client" else text[:MAX_TEXT_CHARS].rstrip()
+    return dataclasses.replace(utterance, text=text)
+
+
+def _finish(report: ReadReport, dialogues: Sequence[Dialogue]) -> tuple[list[Dialogue], ReadReport]:
+    """The split's dialogues with over-long texts cut (and counted), and the completed report."""
+    fitted = []
+    for dialogue in dialogues:
+        long = [i for i, u in enumerate(dialogue.utterances) if len(u.text) > MAX_TEXT_CHARS]
+        if long:
+            report.truncated_texts += len(long)
+            dialogue = dataclasses.replace(dialogue, utterances=tuple(
+                _fit_text(u) if i in long else u for i, u in enumerate(dialogue.utterances)))
+        fitted.append(dialogue)
+    report.dialogues = len(fitted)
+    report.utterances = sum(len(d.utterances) for d in fitted)
+    return fitted, report
 
 
 # ---------------------------------------------------------------- JSON Lines (ESConv and the project's schema)
@@ -464,7 +491,7 @@ def _read_json_lines(path, strict, parse_line) -> tuple[list[Dialogue], ReadRepo
             continue
         report.records_read += 1
         dialogues.append(dialogue)
-    return dialogues, _finish(report, dialogues)
+    return _finish(report, dialogues)
 
 
 def _get(record: dict, path, line, field, prefix=""):

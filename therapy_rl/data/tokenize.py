@@ -26,10 +26,32 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 if TYPE_CHECKING:  # transformers (and the torch it pulls in) is imported only when a tokenizer is loaded
     from transformers import PreTrainedTokenizerFast
 
+from therapy_rl import errors
 from therapy_rl.data import labels
 from therapy_rl.data.samples import Sample, SampleOptions
 
 THERAPY_TOKENIZER_FILE = "therapy_tokenizer.json"  # written next to the HF files: the strategy set in use
+# What a byte-level BPE folder must hold: the fast tokenizer's file, or GPT-2's vocabulary and merges.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def check_tokenizer_dir(model_dir: str | Path, where: str = "") -> None:
+    """Raises ``errors.MissingFileError`` unless ``model_dir`` holds tokenizer files (``TOKENIZER_FILE_SETS``):
+    HF weights saved without their tokenizer would otherwise load as a tokenizer that encodes nothing.
+    ``where`` names the setting in the message (e.g. ``--config.tokenizer.path``)."""
+    model_dir = Path(model_dir)
+    named = f"{where}={model_dir}" if where else str(model_dir)
+    if not model_dir.is_dir():
+        raise errors.MissingFileError(f"{named}: no such folder")
+    if not any(all((model_dir / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS):
+        raise errors.MissingFileError(
+            f"{named}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt); save the "
+            "model's tokenizer there (tokenizer.save_pretrained) or pass --config.tokenizer.path=<a folder with one>")
+
+
+def min_bpe_vocab_size() -> int:
+    """The smallest ``bpe_vocab_size`` a byte-level BPE can have: every byte plus the markers."""
+    return len(pre_tokenizers.ByteLevel.alphabet()) + len(labels.MARKER_TOKENS)
 
 
 def strategy_token(name: str) -> str:
@@ -111,6 +133,7 @@ def load_tokenizer(model_dir: str | Path, strategies: Sequence[str] | None = Non
     TherapyTokenizer, gives the same ids.
     """
     model_dir = Path(model_dir)
+    check_tokenizer_dir(model_dir)
     saved = model_dir / THERAPY_TOKENIZER_FILE
     if strategies is None:
         strategies = json.loads(saved.read_text(encoding="utf-8"))["strategies"] if saved.is_file() else ()
@@ -121,7 +144,11 @@ def load_tokenizer(model_dir: str | Path, strategies: Sequence[str] | None = Non
 
     hf = AutoTokenizer.from_pretrained(str(model_dir))
     if not isinstance(hf, PreTrainedTokenizerFast):
-        raise TypeError(f"{model_dir}: expected a fast (tokenizers-backed) tokenizer, got {type(hf).__name__}")
+        raise errors.InputError(f"{model_dir}: expected a fast (tokenizers-backed) tokenizer, got "
+                                f"{type(hf).__name__}")
+    if not hf.backend_tokenizer.encode("Hello there", add_special_tokens=False).ids:
+        raise errors.InputError(f"{model_dir}: its tokenizer encodes 'Hello there' as no tokens (an empty "
+                                "vocabulary?); check its tokenizer.json / vocab.json + merges.txt")
 
     others = [m for m in labels.MARKER_TOKENS if m not in (labels.BOS, labels.EOS, labels.PAD)]
     hf.add_special_tokens({"bos_token": labels.BOS, "eos_token": labels.EOS, "pad_token": labels.PAD,
@@ -154,7 +181,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     with ``tokenizers``, save it in ``out_dir`` in HF format and return ``load_tokenizer(out_dir, strategies)``
     (also saved). Markers are reserved as the first ids; ``vocab_size`` counts them."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < len(alphabet) + len(labels.MARKER_TOKENS):
+    if vocab_size < min_bpe_vocab_size():
         raise ValueError(f"vocab_size {vocab_size} is below the {len(alphabet)} bytes + "
                          f"{len(labels.MARKER_TOKENS)} markers a byte-level BPE needs")
     bpe = tokenizers.Tokenizer(models.BPE())

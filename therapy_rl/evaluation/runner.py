@@ -16,7 +16,6 @@ numbers), the evaluation ``fold_in(seed, 2)``, and batch ``b`` folds in ``b``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -27,7 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from therapy_rl import run_files
+from therapy_rl import workdir_lock
+from therapy_rl import run as run_lib, run_files
 from therapy_rl.evaluation import decoding_search, metrics as metrics_lib
 
 # Data options that belong to the evaluation, never inherited from the run (which may have trimmed them for speed).
@@ -36,31 +36,6 @@ SPLITS = ("val", "test")
 EMOTION_SOURCES = ("auto", "tag", "classifier")
 GENERATIONS_FILE = "generations.jsonl"
 SEARCH_KEY, EVAL_KEY = 1, 2  # fold_in constants of the two sampling streams
-
-
-# ------------------------------------------------------------------------------------------ checkpoint
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-    directory: str  # the orbax manager folder (best/ or checkpoints/)
-    step: int
-    run_workdir: str  # the folder holding run_info.json and tokenizer/
-
-
-def resolve_checkpoint(path: str, which: str = "best", step: int = -1) -> CheckpointRef:
-    """The checkpoint to evaluate: ``path`` is a run workdir (its best/ or checkpoints/ by ``which``) or a manager
-    folder; step -1 = the latest step there."""
-
-    return CheckpointRef(*run_files.resolve_run_checkpoint(path, which, step, where="config.checkpoint"))
-
-
-def load_params(ref: CheckpointRef) -> Any:
-    """The GPT-2 params of a checkpoint as host numpy arrays, whatever its layout: best/ ({"params"}), an SFT
-    TrainState or a PPO state (params["trunk"]). Only the "params" subtree is read."""
-    from therapy_rl import checkpoint
-
-    return checkpoint.read_params_as_numpy(os.path.join(ref.directory, str(ref.step), "state"))
 
 
 # ------------------------------------------------------------------------------------------ data options
@@ -258,12 +233,13 @@ def run_search(config, workdir: str, generator: Generator, tok, split_arrays, me
     return decoding_search.load_decoding(workdir)
 
 
-def saved_decoding(workdir: str, run_workdir: str) -> tuple[dict | None, str | None]:
+def saved_decoding(workdir: str, run: run_lib.Run) -> tuple[dict | None, str | None]:
     """(decoding.json content, its path) of the eval workdir, else of the run workdir; (None, None) if neither."""
-    for folder in (workdir, run_workdir):
-        payload = decoding_search.load_decoding(folder)
-        if payload is not None:
-            return payload, os.path.join(folder, decoding_search.DECODING_FILE)
+    payload = decoding_search.load_decoding(workdir)
+    if payload is not None:
+        return payload, os.path.join(workdir, decoding_search.DECODING_FILE)
+    if run.decoding is not None:
+        return run.decoding, os.path.join(run.workdir, run_lib.DECODING_FILE)
     return None, None
 
 
@@ -272,15 +248,10 @@ def decoding_settings(payload: Mapping[str, Any] | None, sampling_cfg) -> dict:
     if payload is None:
         return {"top_p": float(sampling_cfg.top_p), "top_k": int(sampling_cfg.top_k),
                 "temperature": float(sampling_cfg.temperature)}
-    settings = dict(payload["settings"])
-    unknown = sorted(set(settings) - {"top_p", "top_k", "temperature"})
-    if unknown:
-        raise ValueError(f"decoding.json: field 'settings' has unknown keys {unknown}")
-    return {"top_p": float(settings["top_p"]), "top_k": int(settings["top_k"]),
-            "temperature": float(settings["temperature"])}
+    return run_lib.decoding_settings(payload)
 
 
-def choose_decoding(config, workdir: str, run_workdir: str, generator: Generator, data_cfg,
+def choose_decoding(config, workdir: str, run: run_lib.Run, generator: Generator, data_cfg,
                     meteor_variant: str) -> tuple[dict | None, str]:
     """(decoding.json content or None, where the settings come from): a validation search, a saved decoding.json,
     or config.sampling (None), in that order (see the module docstring)."""
@@ -293,7 +264,7 @@ def choose_decoding(config, workdir: str, run_workdir: str, generator: Generator
         payload = run_search(config, workdir, generator, generator.tok, arrays, meteor_variant)
         return payload, f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
     if search.enabled or config.use_saved_decoding:
-        payload, path = saved_decoding(workdir, run_workdir)
+        payload, path = saved_decoding(workdir, run)
         if payload is not None:
             print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
                   f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
@@ -383,9 +354,10 @@ def _train_gold_emotions(run_data: Mapping[str, Any]) -> list[str] | None:
         return None
 
 
+@workdir_lock.locked  # one writer per eval workdir
 def evaluate(config, workdir: str) -> dict:
     """Runs the evaluation described in the module docstring; returns {"paths", "results", "meta"}."""
-    from therapy_rl.data import pipeline, tokenize
+    from therapy_rl.data import pipeline
     from therapy_rl.evaluation import bootstrap, judge as judge_lib, report
 
     started = time.perf_counter()
@@ -401,27 +373,23 @@ def evaluate(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     judge_config = _judge_config(config, workdir)
 
-    ref = resolve_checkpoint(config.checkpoint, config.checkpoint_which, config.checkpoint_step)
-    run_info = run_files.read_run_info(ref.run_workdir)
-    model_config = run_files.model_config_of(ref.run_workdir)
-    tok = tokenize.load_tokenizer(run_files.tokenizer_dir(ref.run_workdir))
-    if tok.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer of {ref.run_workdir} has {tok.vocab_size} ids but its model only "
-                         f"{model_config.vocab_size}")
+    run = run_lib.open_run(config.checkpoint, run_lib.checkpoint_choice(config.checkpoint_which,
+                                                                         config.checkpoint_step),
+                           where="config.checkpoint")
+    run_info, model_config, tok = run.info, run.model_config, run.tokenizer
     data_cfg = resolve_data_config(config.data, run_info["data"])
     total = data_cfg.max_prompt_tokens + config.sampling.max_new_tokens
     if total > model_config.n_positions:
         raise ValueError(f"config.data.max_prompt_tokens ({data_cfg.max_prompt_tokens}) + "
                          f"config.sampling.max_new_tokens ({config.sampling.max_new_tokens}) = {total} exceeds the "
                          f"model's n_positions {model_config.n_positions}")
-    params = jax.device_put(load_params(ref))
-    print(f"[eval] {run_info.get('mode', '?')} run {ref.run_workdir}: {ref.directory} step {ref.step}; "
-          f"data {data_cfg.source}/{config.split}")
+    params = jax.device_put(run.read_params())
+    print(f"[eval] {run.mode} run {run.workdir}: {run.label}; data {data_cfg.source}/{config.split}")
 
     generator = Generator(model_config, params, tok, config.sampling, config.eval_batch_size)
     meteor_variant = metrics_lib.resolve_meteor_variant(config.metrics.meteor_variant)
 
-    payload, source = choose_decoding(config, workdir, ref.run_workdir, generator, data_cfg, meteor_variant)
+    payload, source = choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant)
     settings = decoding_settings(payload, config.sampling)
     sampling_config = generator.sampling_config(settings)
 
@@ -467,9 +435,9 @@ def evaluate(config, workdir: str) -> dict:
                             "these scores are optimistic")
     lengths = prompts["prompt_mask"].sum(axis=1)
     meta = {
-        "name": config.name or os.path.basename(ref.run_workdir.rstrip("/")),
+        "name": config.name or os.path.basename(run.workdir.rstrip("/")),
         "dataset": data_cfg.source, "split": config.split,
-        "checkpoint": f"{ref.directory} step {ref.step}", "run_workdir": ref.run_workdir,
+        "checkpoint": run.label, "run_workdir": run.workdir, "checkpoint_step": run.step,
         "run_mode": run_info.get("mode"), "seed": int(config.seed),
         "decoding_settings": {**settings, "max_new_tokens": sampling_config.max_new_tokens,
                               "greedy": sampling_config.greedy},
@@ -491,7 +459,7 @@ def evaluate(config, workdir: str) -> dict:
         paper_table=paper_table_for(config.report.paper_table, data_cfg.source),
         n_sample_rows=config.report.n_sample_rows, n_resamples=config.metrics.bootstrap_resamples,
         seed=config.seed, confidence=config.metrics.confidence,
-        metrics_jsonl=os.path.join(ref.run_workdir, "metrics.jsonl"))
+        metrics_jsonl=os.path.join(run.workdir, "metrics.jsonl"))
     with open(paths["markdown"], "a", encoding="utf-8") as f:
         f.write("\n" + notes_markdown(meta))
     paths["generations"] = os.path.join(workdir, GENERATIONS_FILE)

@@ -14,11 +14,7 @@ def model_config_from(model_cfg, vocab_size: int) -> gpt2.GPT2Config:
     """The GPT2Config of a run; an HF checkpoint's own shape wins over the configured one."""
     runtime = dict(dropout_rate=model_cfg.dropout_rate, dtype=model_cfg.dtype, remat=model_cfg.remat)
     if model_cfg.hf_checkpoint:
-        import json
-        import os
-
-        with open(os.path.join(model_cfg.hf_checkpoint, "config.json")) as f:
-            base = gpt2.GPT2Config.from_hf_dict(json.load(f), source=model_cfg.hf_checkpoint)
+        base = hf_io.read_hf_config(model_cfg.hf_checkpoint)
         return base.replace(vocab_size=vocab_size, **runtime)
     return gpt2.GPT2Config(vocab_size=vocab_size, n_positions=model_cfg.n_positions, n_embd=model_cfg.n_embd,
                            n_layer=model_cfg.n_layer, n_head=model_cfg.n_head, **runtime)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from therapy_rl import errors
 from therapy_rl.models.gpt2 import GPT2Config
 
 _CONFIG = "config.json"
@@ -58,35 +59,144 @@ def _strip(name: str) -> str:
     return name[len("transformer."):] if name.startswith("transformer.") else name
 
 
-def _read_safetensors(model_dir: str) -> Dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
+def _weight_files(model_dir: str) -> list[str]:
+    """model.safetensors, or the shards its index names (each must exist)."""
     single = os.path.join(model_dir, _WEIGHTS)
     if os.path.isfile(single):
-        return dict(load_file(single))
+        return [single]
     index_path = os.path.join(model_dir, _WEIGHTS_INDEX)
-    with open(index_path) as f:
-        weight_map = json.load(f).get("weight_map")
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise errors.InputError(f"{index_path}: not a safetensors index ({err})") from None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path}: field 'weight_map' is missing or not an object")
+        raise errors.InputError(f"{index_path}: field 'weight_map' is missing or not an object")
+    shards = [os.path.join(model_dir, shard) for shard in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise errors.MissingFileError(f"{shard}: no such file (named by {index_path})")
+    return shards
+
+
+def _unreadable(path: str, err: Exception) -> errors.InputError:
+    return errors.InputError(f"{path}: not a readable safetensors file ({err}); it may be truncated: download or "
+                             "save it again")
+
+
+def _tensor_shapes(files: list[str]) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """HF name (prefix stripped) -> (shape, file), from the files' headers only (a truncated file is refused)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    shapes[_strip(name)] = (tuple(f.get_slice(name).get_shape()), path)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type from Rust
+            raise _unreadable(path, err) from None
+    return shapes
+
+
+def _read_safetensors(files: list[str]) -> Dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
     tensors: Dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors.update(load_file(os.path.join(model_dir, shard)))
+    for path in files:
+        try:
+            tensors.update({_strip(k): v for k, v in load_file(path).items()})
+        except Exception as err:  # noqa: BLE001
+            raise _unreadable(path, err) from None
     return tensors
+
+
+def _check_shapes(config: GPT2Config, shapes: Dict[str, Tuple[Tuple[int, ...], str]], config_path: str) -> None:
+    """Every tensor the config implies is present with its shape; names the weights file and config.json."""
+    fields = (f"n_layer={config.n_layer}, n_embd={config.n_embd}, n_positions={config.n_positions}, "
+              f"vocab_size={config.vocab_size}")
+    files = sorted({path for _, path in shapes.values()}) or ["<no tensors>"]
+    for hf_name, (_, shape) in _name_map(config).items():
+        if hf_name not in shapes:
+            raise errors.InputError(f"{files[0]}: no tensor {hf_name!r}, which {config_path} ({fields}) implies; "
+                                    "the config.json does not match these weights")
+        found, path = shapes[hf_name]
+        if found != shape:
+            raise errors.InputError(f"{path}: tensor {hf_name!r} has shape {found}, but {config_path} ({fields}) "
+                                    f"implies {shape}; the config.json does not match these weights")
+    names = _name_map(config)
+    for hf_name, (found, path) in shapes.items():
+        if hf_name not in names and hf_name != "lm_head.weight" and not hf_name.endswith(_IGNORED_SUFFIXES):
+            raise errors.InputError(f"{path}: tensor {hf_name!r} {found} is not part of the model {config_path} "
+                                    f"describes ({fields}); the config.json does not match these weights")
+
+
+def _read_config(model_dir: str, **config_overrides) -> Tuple[GPT2Config, str]:
+    config_path = os.path.join(model_dir, _CONFIG)
+    if not os.path.isfile(config_path):
+        raise errors.MissingFileError(f"{config_path}: no such file; an HF GPT-2 folder holds {_CONFIG} and "
+                                      f"{_WEIGHTS}")
+    with open(config_path) as f:
+        try:
+            hf_config = json.load(f)
+        except json.JSONDecodeError as err:
+            raise errors.InputError(f"{config_path}: line {err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(hf_config, dict):
+        raise errors.InputError(f"{config_path}: expected a JSON object")
+    try:
+        return GPT2Config.from_hf_dict(hf_config, source=config_path, **config_overrides), config_path
+    except errors.UserError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise errors.InputError(f"{config_path}: {err}" if config_path not in str(err) else str(err)) from None
+
+
+def read_hf_config(model_dir: str) -> GPT2Config:
+    """The GPT2Config of a local HF folder's config.json (errors name the file)."""
+    return _read_config(model_dir)[0]
+
+
+def _require_safetensors(model_dir: str) -> None:
+    has_safetensors = os.path.isfile(os.path.join(model_dir, _WEIGHTS)) or os.path.isfile(
+        os.path.join(model_dir, _WEIGHTS_INDEX))
+    if has_safetensors:
+        return
+    pickles = [n for n in _PICKLES if os.path.exists(os.path.join(model_dir, n))]
+    if pickles:
+        raise errors.InputError(
+            f"load_hf_gpt2: {model_dir} holds only {pickles}, not {_WEIGHTS}. Pickle weights are refused "
+            "because unpickling can execute arbitrary code. Convert once in a trusted environment: "
+            "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)` "
+            "(transformers), then pass out_dir.")
+    raise errors.MissingFileError(f"{os.path.join(model_dir, _WEIGHTS)}: no such file; save the weights there "
+                                  "(save_pretrained(dir, safe_serialization=True))")
+
+
+def check_hf_dir(model_dir: str, where: str = "model folder") -> GPT2Config:
+    """The GPT2Config of a local HF folder after checking, from headers only, that config.json parses and that
+    the safetensors weights are complete and have the shapes it implies; raises a ``UserError`` naming the file."""
+    if not os.path.isdir(model_dir):
+        raise errors.MissingFileError(f"{where}={model_dir}: no such folder; pass a local HF GPT-2 folder "
+                                      f"({_CONFIG} + {_WEIGHTS})")
+    config, config_path = _read_config(model_dir)
+    _require_safetensors(model_dir)
+    _check_shapes(config, _tensor_shapes(_weight_files(model_dir)), config_path)
+    return config
 
 
 def _resolve_dir(model_dir_or_id: str) -> str:
     if os.path.isdir(model_dir_or_id):
         return model_dir_or_id
     if os.path.exists(model_dir_or_id) or model_dir_or_id.startswith((".", "/", "~")):
-        raise ValueError(f"load_hf_gpt2: {model_dir_or_id!r} is not a directory with {_CONFIG} and {_WEIGHTS}")
+        raise errors.MissingFileError(f"load_hf_gpt2: {model_dir_or_id!r} is not a directory with {_CONFIG} and "
+                                      f"{_WEIGHTS}")
     # Not a local path: treat as a hub id, fetching only the config and safetensors files.
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(model_dir_or_id, allow_patterns=[_CONFIG, "*.safetensors", _WEIGHTS_INDEX])
     except Exception as err:  # offline, unknown repo, no network
-        raise ValueError(f"load_hf_gpt2: {model_dir_or_id!r} is not a local directory and could not be "
+        raise errors.ConfigError(f"load_hf_gpt2: {model_dir_or_id!r} is not a local directory and could not be "
                          f"downloaded from the Hugging Face hub ({type(err).__name__}: {err}). Download "
                          f"{_CONFIG} + {_WEIGHTS} into a directory and pass its path.") from err
 
@@ -98,28 +208,12 @@ def load_hf_gpt2(model_dir: str, **config_overrides) -> Tuple[GPT2Config, dict]:
     A directory holding only pickle weights (pytorch_model.bin) is refused: pickle can run code.
     """
     model_dir = _resolve_dir(model_dir)
-    config_path = os.path.join(model_dir, _CONFIG)
-    if not os.path.isfile(config_path):
-        raise ValueError(f"load_hf_gpt2: {config_path} not found")
-    has_safetensors = os.path.isfile(os.path.join(model_dir, _WEIGHTS)) or os.path.isfile(
-        os.path.join(model_dir, _WEIGHTS_INDEX))
-    if not has_safetensors:
-        pickles = [n for n in _PICKLES if os.path.exists(os.path.join(model_dir, n))]
-        if pickles:
-            raise ValueError(
-                f"load_hf_gpt2: {model_dir} holds only {pickles}, not {_WEIGHTS}. Pickle weights are refused "
-                "because unpickling can execute arbitrary code. Convert once in a trusted environment: "
-                "`GPT2LMHeadModel.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)` "
-                "(transformers), then pass out_dir.")
-        raise ValueError(f"load_hf_gpt2: {model_dir} has no {_WEIGHTS}")
-    with open(config_path) as f:
-        try:
-            hf_config = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path}: line {err.lineno}: invalid JSON ({err.msg})") from err
-    config = GPT2Config.from_hf_dict(hf_config, source=config_path, **config_overrides)
-    tensors = {_strip(k): v for k, v in _read_safetensors(model_dir).items()}
-    return config, params_from_hf_tensors(config, tensors, source=model_dir)
+    config, config_path = _read_config(model_dir, **config_overrides)
+    _require_safetensors(model_dir)
+    files = _weight_files(model_dir)
+    _check_shapes(config, _tensor_shapes(files), config_path)  # headers first: a truncated file is named
+    tensors = _read_safetensors(files)
+    return config, params_from_hf_tensors(config, tensors, source=files[0] if len(files) == 1 else model_dir)
 
 
 def params_from_hf_tensors(config: GPT2Config, tensors: Dict[str, np.ndarray], source: str = "<tensors>") -> dict:
@@ -128,19 +222,19 @@ def params_from_hf_tensors(config: GPT2Config, tensors: Dict[str, np.ndarray], s
     params: dict = {}
     missing = [n for n in names if n not in tensors]
     if missing:
-        raise ValueError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise errors.InputError(f"{source}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for hf_name, array in tensors.items():
         if hf_name.endswith(_IGNORED_SUFFIXES):
             continue
         if hf_name == "lm_head.weight":
             if not np.array_equal(np.asarray(array), np.asarray(tensors["wte.weight"])):
-                raise ValueError(f"{source}: lm_head.weight differs from wte.weight; only a tied head is supported")
+                raise errors.InputError(f"{source}: lm_head.weight differs from wte.weight; only a tied head is supported")
             continue
         if hf_name not in names:
-            raise ValueError(f"{source}: unexpected tensor {hf_name!r} (shape {tuple(array.shape)})")
+            raise errors.InputError(f"{source}: unexpected tensor {hf_name!r} (shape {tuple(array.shape)})")
         path, shape = names[hf_name]
         if tuple(array.shape) != shape:
-            raise ValueError(f"{source}: tensor {hf_name!r} has shape {tuple(array.shape)}, expected {shape}")
+            raise errors.InputError(f"{source}: tensor {hf_name!r} has shape {tuple(array.shape)}, expected {shape}")
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})

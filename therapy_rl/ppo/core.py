@@ -140,6 +140,22 @@ def whiten_scores(scores: Array, valid: Optional[Array] = None, shift_mean: bool
     return masked_whiten(scores, valid, shift_mean=shift_mean, unbiased=unbiased, eps=eps)
 
 
+def clip_scores(scores: Array, limit: float, after_clip: Optional[Array] = None) -> Array:
+    """Sequence scores [B] clipped to [-limit, limit], except the part `after_clip` [B] that the reward added
+    after its own clip (the safety penalty):
+
+        clip(scores - after_clip, -limit, limit) + after_clip
+
+    so a penalty still lowers a score whose other parts saturate the clip. `after_clip=None` is a plain clip.
+    """
+    scores = jnp.asarray(scores)
+    if after_clip is None:
+        return jnp.clip(scores, -limit, limit)
+    after_clip = jnp.asarray(after_clip, scores.dtype)
+    _check_shapes("clip_scores", scores=scores, after_clip=after_clip)
+    return jnp.clip(scores - after_clip, -limit, limit) + after_clip
+
+
 def sequence_sum(x: Array, mask: Array) -> Array:
     """Per-row sum over real tokens: [B, T] -> [B]."""
     return masked_sum(x, mask, axis=-1)

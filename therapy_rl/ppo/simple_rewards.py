@@ -5,7 +5,14 @@
 `batch` is the rollout's prompt batch as global device arrays (prompt_ids, prompt_mask, user_emotion,
 therapist_emotion, sample_index, valid, and any per-prompt features the reward asked for, e.g. user_embedding).
 `total` is the RAW sequence score (not whitened: the PPO step clips and whitens it, and validation reports it as
-is); padding rows (valid = 0) may hold anything. Components are logged as `reward/<name>`.
+is); padding rows (valid = 0) may hold anything. Components are logged as `reward/<name>`, except the optional
+`AFTER_CLIP` one: the part of `total` the reward added after its own clip (the safety penalty), which the PPO
+step keeps out of its score clip (`core.clip_scores`) so that no clip can hide it. An optional `RATED` component
+(1/0 per row) marks the rows that have a score at all (human ratings, `rate/human_reward.py`): the trainer
+multiplies it into `valid`, so an unrated row is left out of the update instead of given a made-up score.
+
+Outputs are global arrays sharded like the batch. With several processes every reward works on this process's
+rows only: the jitted ones as SPMD programs, the therapy reward's host step on `ProcessRows.take(...)`.
 
 Three kinds:
 * `TargetTokenReward`  -- the toy task: share of a target token among the response's real tokens.
@@ -26,9 +33,66 @@ import numpy as np
 from therapy_rl.data import labels
 
 
+AFTER_CLIP = "after_clip"  # component name of the part of `total` that score clipping must leave alone
+RATED = "rated"  # component name of the per-row 1/0 mask of rows that have a score (the rest are skipped)
+
+
 class RewardFn(Protocol):
     def __call__(self, batch: Mapping[str, jax.Array], tokens: jax.Array,
                  response_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+# ------------------------------------------------------------------------------------------ this process's rows
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """The rows of a global [B, ...] batch that this process holds, as (start, stop) blocks in global order.
+
+    `take` reads them from any global array whose rows are whole on this process's devices (no transfer between
+    hosts); `to_global` puts per-row results back as a global [B, ...] array with the batch's sharding. With one
+    process (or plain arrays) the block is every row.
+    """
+
+    sharding: Optional[jax.sharding.Sharding]  # of a [B] batch array; None for plain host arrays
+    num_rows: int
+    blocks: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, row_array) -> "ProcessRows":
+        """The rows of the [B] array `row_array` (e.g. batch["valid"]) on this process."""
+        n = int(np.shape(row_array)[0])
+        sharding = getattr(row_array, "sharding", None) if isinstance(row_array, jax.Array) else None
+        if sharding is None:
+            return cls(None, n, ((0, n),))
+        slices = {index[0].indices(n)[:2] for index in sharding.addressable_devices_indices_map((n,)).values()}
+        return cls(sharding, n, tuple(sorted(slices)))
+
+    def take(self, x) -> np.ndarray:
+        """This process's rows of the global array `x` [B, ...], as one numpy array."""
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            host = np.asarray(jax.device_get(x))
+            return np.concatenate([host[a:b] for a, b in self.blocks])
+        parts = []
+        for a, b in self.blocks:
+            for shard in x.addressable_shards:
+                lo, hi = shard.index[0].indices(x.shape[0])[:2]
+                if lo <= a and b <= hi and shard.data.shape[1:] == x.shape[1:]:
+                    parts.append(np.asarray(shard.data)[a - lo:b - lo])
+                    break
+            else:
+                raise ValueError(f"ProcessRows.take: rows {a}:{b} of an array of shape {x.shape} are not whole on "
+                                 "this process's devices (shard the batch dimension only)")
+        return np.concatenate(parts)
+
+    def to_global(self, local) -> jax.Array:
+        """The global [B, ...] array whose rows in `blocks` are `local` (each process passes its own rows)."""
+        local = np.asarray(local)
+        if self.sharding is None:
+            return jnp.asarray(local)
+        if local.ndim != 1:
+            raise ValueError(f"ProcessRows.to_global: expected per-row values [rows], got shape {local.shape}")
+        return jax.make_array_from_process_local_data(self.sharding, local, (self.num_rows,))
 
 
 # ------------------------------------------------------------------------------------------ token-id helpers
@@ -172,9 +236,9 @@ class TherapyReward:
 
     The reward needs each prompt's user-text features (MiniLM embedding, crisis flag). `register_prompts` gives
     every prompt row a `user_text_id` into this object's text table; features are computed on first use, a batch
-    at a time, and cached (so start-up costs nothing and later epochs reuse them). Host work per batch: embedding
-    the not-yet-seen user texts and decoding + re-tokenising the replies for MiniLM (the reward model's own step);
-    everything else runs in its jitted `reward_fn`.
+    at a time, and cached (so start-up costs nothing and later epochs reuse them). Host work per batch, on this
+    process's rows only: embedding the not-yet-seen user texts and decoding + re-tokenising the replies for MiniLM
+    (the reward model's own step); everything else runs in its jitted `reward_fn`, on those rows.
     """
 
     model: Any  # rewards.combine.RewardModel
@@ -225,31 +289,39 @@ class TherapyReward:
         return self._embedding[text_ids], self._crisis[text_ids]
 
     def __call__(self, batch, tokens, response_mask):
+        """Scores this process's rows on the host (decode, MiniLM ids, the jitted reward on those rows) and
+        returns global [B] arrays: no process ever reads another's rows."""
         if "user_text_id" not in batch:
             raise KeyError("TherapyReward: the prompt batch has no `user_text_id`; call register_prompts first")
-        host = jax.device_get({k: batch[k] for k in ("user_text_id", "user_emotion", "therapist_emotion", "valid")})
-        embedding, crisis = self.user_features(np.asarray(host["user_text_id"]))
-        fields = {"user_embedding": embedding, "user_crisis": crisis, "user_emotion": host["user_emotion"],
-                  "therapist_emotion": host["therapist_emotion"], "valid": host["valid"]}
-        tokens, response_mask = jax.device_get((tokens, response_mask))
-        total, comps = self.model.score(fields, np.asarray(tokens), np.asarray(response_mask), self.decode_fn)
-        return total, {k: v for k, v in comps.items() if k != "total_raw"}
+        rows = ProcessRows.of(batch["valid"])
+        embedding, crisis = self.user_features(rows.take(batch["user_text_id"]))
+        fields = {"user_embedding": embedding, "user_crisis": crisis, "user_emotion": rows.take(batch["user_emotion"]),
+                  "therapist_emotion": rows.take(batch["therapist_emotion"]), "valid": rows.take(batch["valid"])}
+        total, comps = self.model.score(fields, rows.take(tokens), rows.take(response_mask), self.decode_fn)
+        return rows.to_global(total), {k: rows.to_global(v) for k, v in comps.items() if k != "total_raw"}
 
 
 def therapy_reward(reward_cfg: Mapping[str, Any], tok, vocab_size: Optional[int] = None) -> TherapyReward:
     """The project's reward from a config dict of `rewards.combine.RewardConfig` fields.
 
-    The PPO step clips and whitens scores itself, so the reward's own whitening should stay off (ppo_defaults).
+    The PPO step clips and whitens scores itself, so the reward's own whitening must stay off (ppo_defaults): it
+    would whiten each process's rows alone, and the step's clip would then cut a whitened total.
     """
+    from therapy_rl.errors import ConfigError
     from therapy_rl.rewards import combine
 
     config = combine.reward_config_from_dict(reward_cfg, where="config.reward.therapy")
+    if config.whiten:
+        raise ConfigError("config.reward.therapy.whiten=True: PPO whitens the scores itself "
+                          "(config.ppo.whiten_scores); set config.reward.therapy.whiten=False")
     model = combine.RewardModel.create(config, tok, vocab_size=vocab_size)
     return TherapyReward(model=model, decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=True))
 
 
 def build_reward(reward_cfg, tok, vocab_size: Optional[int] = None) -> RewardFn:
     """The RewardFn named by `reward_cfg.kind`: therapy | emotion_tag | target_token."""
+    from therapy_rl.errors import ConfigError
+
     kind = reward_cfg.kind
     if kind == "therapy":
         return therapy_reward(reward_cfg.therapy.to_dict(), tok, vocab_size)
@@ -262,6 +334,7 @@ def build_reward(reward_cfg, tok, vocab_size: Optional[int] = None) -> RewardFn:
         c = reward_cfg.target_token
         target = c.token_id if c.token_id >= 0 else tok.hf.convert_tokens_to_ids(c.token)
         if target is None or target < 0:
-            raise ValueError(f"config.reward.target_token: token {c.token!r} is not in the tokenizer")
+            raise ConfigError(f"config.reward.target_token: token {c.token!r} is not in the tokenizer; set "
+                              "config.reward.target_token.token to one of its tokens or token_id to an id")
         return TargetTokenReward(int(target), c.scale)
-    raise ValueError(f"config.reward.kind={kind!r}: expected therapy, emotion_tag or target_token")
+    raise ConfigError(f"config.reward.kind={kind!r}: expected therapy, emotion_tag or target_token")

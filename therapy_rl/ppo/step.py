@@ -2,7 +2,8 @@
 
 The update is ONE jitted function `update_step(state, ref_params, rollout) -> (state, metrics)`:
 
-    scores   = whiten(clip(raw_scores)) [- missing-EOS penalty]          (over valid rows)
+    scores   = whiten(clip(raw_scores - after_clip) + after_clip) [- missing-EOS penalty]   (over valid rows;
+               after_clip = rollout["scores_after_clip"], the reward's safety penalty: no clip can hide it)
     logp, V  = policy + value head on the rollout (deterministic)          old log-probs and values
     ref_logp = frozen reference on the rollout
     targets  = core.rollout_targets(scores, logp, ref_logp, V, mask, state.kl_coef, ...)   KL penalty, GAE, whitening
@@ -23,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from therapy_rl import nonfinite
 from therapy_rl.ppo import core, policy
 
 ROLLOUT_STREAM, UPDATE_STREAM = 0, 1
+# What the update's `nonfinite.KEY` bitmask watches, bit by bit (raw scores: before any clip could hide an Inf).
+GUARDED = ("reward scores", "loss", "gradient norm", "parameter norm after the update", "KL coefficient")
 
 
 @flax.struct.dataclass
@@ -76,11 +80,12 @@ def create_state(params: Any, optimizer: optax.GradientTransformation, kl: core.
 
 
 def process_scores(raw_scores: jax.Array, tokens: jax.Array, mask: jax.Array, valid: jax.Array,
-                   hyper: PPOHyper) -> jax.Array:
-    """Raw scores [B] -> the scores PPO uses: clip, whiten over valid rows, missing-EOS penalty."""
+                   hyper: PPOHyper, after_clip: Optional[jax.Array] = None) -> jax.Array:
+    """Raw scores [B] -> the scores PPO uses: clip (all but `after_clip`, the part of the raw score the reward
+    added after its own clip: `core.clip_scores`), whiten over valid rows, missing-EOS penalty."""
     scores = jnp.asarray(raw_scores, jnp.float32)
     if hyper.score_clip > 0:
-        scores = jnp.clip(scores, -hyper.score_clip, hyper.score_clip)
+        scores = core.clip_scores(scores, hyper.score_clip, after_clip)
     if hyper.whiten_scores:
         scores = core.whiten_scores(scores, valid)
     if hyper.missing_eos_penalty:
@@ -93,7 +98,8 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
     """`update_step(state, ref_params, rollout) -> (state, metrics)`.
 
     rollout: prompt_ids [B, P], prompt_mask [B, P], tokens [B, N], response_mask [B, N] (1 through the first EOS),
-    valid [B], scores [B] (raw, from the reward). Metrics use TRL's names; per-mini-batch losses are averaged
+    valid [B], scores [B] (raw, from the reward), scores_after_clip [B] (optional: the part of `scores` the reward
+    added after its own clip, kept out of `score_clip`). Metrics use TRL's names; per-mini-batch losses are averaged
     over epochs x mini-batches and carry an `_avg` suffix (TRL 1.x).
     """
     loss_cfg = hyper.loss
@@ -126,7 +132,8 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
                  "tokens": rollout["tokens"], "response_mask": mask}
         old_logp, old_values, _ = policy.policy_outputs(spec, state.params, batch)
         ref_logp = policy.response_logprobs(spec, ref_params, batch)
-        scores = process_scores(rollout["scores"], rollout["tokens"], mask, valid, hyper)
+        scores = process_scores(rollout["scores"], rollout["tokens"], mask, valid, hyper,
+                                after_clip=rollout.get("scores_after_clip"))
         targets = core.rollout_targets(scores, old_logp, ref_logp, old_values, mask, state.kl_coef,
                                        gamma=hyper.gamma, lam=hyper.lam, kl_estimator=hyper.kl_estimator,
                                        whiten_token_rewards=hyper.whiten_token_rewards,
@@ -152,6 +159,9 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         metrics["objective/non_score_reward"] = core.masked_mean(
             core.sequence_sum(targets.non_score_rewards, mask), valid)
         metrics["objective/kl_coef_next"] = kl.coef
+        raw_scores = jnp.stack([rollout["scores"], rollout.get("scores_after_clip", rollout["scores"])])
+        metrics[nonfinite.KEY] = nonfinite.code(jnp.where(valid != 0, raw_scores, 0.0), mb_metrics["loss/total"],
+                                                mb_metrics["policy/grad_norm"], optax.tree.norm(params), kl.coef)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, kl_coef=kl.coef)
         return new_state, metrics
 

@@ -14,6 +14,7 @@ function, `eps`, ...), plus `reward/<component>`, `rollout/...` (EOS, repeated n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from therapy_rl import workdir_lock
 from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step
 
 
@@ -155,7 +157,8 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
                "prompt_mask": np.zeros((batch_size, prompt_length), np.int32),
                "tokens": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
                "response_mask": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
-               "valid": np.zeros((batch_size,), np.int32), "scores": np.zeros((batch_size,), np.float32)}
+               "valid": np.zeros((batch_size,), np.int32), "scores": np.zeros((batch_size,), np.float32),
+               "scores_after_clip": np.zeros((batch_size,), np.float32)}
     update = ppo_step.jit_update_step(ppo_step.make_update_step(spec, hyper, optimizer), mesh, state_shardings,
                                       ref_shardings, example)
 
@@ -171,6 +174,40 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
 _response_stats = jax.jit(simple_rewards.response_stats, static_argnums=(3, 4))
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_scores_fn(mesh):
+    """jit: (total, after_clip or None) -> float32 [B] arrays sharded like the batch (after_clip: 0 if None)."""
+    from therapy_rl import parallel
+
+    def as_scores(total, after_clip):
+        total = jnp.asarray(total, jnp.float32)
+        return total, jnp.zeros_like(total) if after_clip is None else jnp.asarray(after_clip, jnp.float32)
+
+    return jax.jit(as_scores, out_shardings=parallel.batch_sharding(mesh, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _valid_row_sums_fn(mesh):
+    """jit: ({name: [B]}, valid [B]) -> ({name: sum over valid rows}, number of valid rows), replicated, so every
+    process reads the global batch's sums (however its rows are spread over hosts)."""
+    from therapy_rl import parallel
+
+    def valid_row_sums(per_row, valid):
+        real = valid != 0
+        sums = {k: jnp.sum(jnp.where(real, jnp.asarray(x, jnp.float32), 0.0)) for k, x in per_row.items()}
+        return sums, jnp.sum(real.astype(jnp.float32))
+
+    return jax.jit(valid_row_sums, out_shardings=parallel.replicated(mesh))
+
+
+def _score_reward(stages: Stages, batch, tokens, mask, reward_fn=None):
+    """(total [B], after_clip [B], logged components): the reward's outputs split as the update wants them."""
+    total, components = (stages.reward_fn if reward_fn is None else reward_fn)(batch, tokens, mask)
+    components = dict(components)
+    total, after_clip = _batch_scores_fn(stages.mesh)(total, components.pop(simple_rewards.AFTER_CLIP, None))
+    return total, after_clip, components
+
+
 @dataclasses.dataclass
 class IterationResult:
     state: ppo_step.PPOState
@@ -180,9 +217,8 @@ class IterationResult:
 
 def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
                   batch: Mapping[str, jax.Array]) -> IterationResult:
-    """rollout (jit) -> reward -> update (jit) on one global prompt batch; timings per stage in the metrics."""
-    from therapy_rl import parallel
-
+    """rollout (jit) -> reward -> update (jit) on one global prompt batch; timings per stage in the metrics.
+    Nothing is gathered to a host: means over the global batch come from one jitted, replicated sum."""
     t0 = time.perf_counter()
     sample = stages.generate(state.params[policy.TRUNK_KEY], batch["prompt_ids"], batch["prompt_mask"],
                              ppo_step.rollout_key(state))
@@ -190,33 +226,35 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
     mask = sample.response_mask * (valid[:, None] != 0).astype(sample.response_mask.dtype)
     mask.block_until_ready()
     t1 = time.perf_counter()
-    raw_scores, components = stages.reward_fn(batch, sample.tokens, mask)
-    raw_scores = jax.device_put(jnp.asarray(raw_scores, jnp.float32), parallel.batch_sharding(stages.mesh, 1))
+    reward_fn = stages.reward_fn
+    if hasattr(reward_fn, "for_iteration"):  # a reward keyed by iteration (human ratings: rate/human_reward.py)
+        reward_fn = reward_fn.for_iteration(int(state.step))
+    raw_scores, after_clip, components = _score_reward(stages, batch, sample.tokens, mask, reward_fn)
+    rated = components.pop(simple_rewards.RATED, None)
+    if rated is not None:  # rows without a score are left out of the update and of the logged means
+        valid = valid * (jnp.asarray(rated) != 0).astype(valid.dtype)
     raw_scores.block_until_ready()
     t2 = time.perf_counter()
     rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"], "tokens": sample.tokens,
-               "response_mask": mask, "valid": valid, "scores": raw_scores}
+               "response_mask": mask, "valid": valid, "scores": raw_scores, "scores_after_clip": after_clip}
     state, update_metrics = stages.update(state, ref_params, rollout)
     stats = _response_stats(sample.tokens, mask, batch["therapist_emotion"], stages.response_ids, 3)
-    host = jax.device_get({"update": update_metrics,
-                           "reward": simple_rewards.masked_row_means(components, valid),
-                           "rollout": simple_rewards.masked_row_means(stats, valid),
-                           "scores": simple_rewards.masked_row_means({"mean": raw_scores}, valid)})
+    per_row = {"objective/scores": raw_scores, **{f"reward/{k}": v for k, v in components.items()},
+               **{(f"rollout/{k}_mean" if k == "length" else f"rollout/{k}_rate"): v for k, v in stats.items()}}
+    sums, count = jax.device_get(_valid_row_sums_fn(stages.mesh)(per_row, valid))
+    update_metrics = jax.device_get(update_metrics)
     t3 = time.perf_counter()
-    metrics = {k: float(v) for k, v in host["update"].items()}
-    metrics["objective/scores"] = float(host["scores"]["mean"])
-    metrics.update({f"reward/{k}": float(v) for k, v in host["reward"].items()})
-    metrics.update({f"rollout/{k}_mean" if k == "length" else f"rollout/{k}_rate": float(v)
-                    for k, v in host["rollout"].items()})
+    metrics = {k: float(v) for k, v in update_metrics.items()}
+    metrics.update({k: float(v) / max(float(count), 1.0) for k, v in sums.items()})
     metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
-                    "eps": float(np.asarray(jax.device_get(valid)).sum()) / max(t3 - t0, 1e-9)})
+                    "eps": float(count) / max(t3 - t0, 1e-9)})
     return IterationResult(state, metrics, sample.tokens)
 
 
 def evaluate_policy(stages: Stages, trunk_params: Any, ref_params: Any, prompts: Mapping[str, np.ndarray],
                     batch_size: int, rng: jax.Array) -> dict[str, float]:
     """Validation on held-out prompts with a fixed key: mean raw reward, components, KL to the reference,
-    response statistics (`eval/...`), over every real prompt row."""
+    response statistics (`eval/...`), over every real prompt row (each process holds its rows of each batch)."""
     from therapy_rl import parallel
     from therapy_rl.data import batches
 
@@ -228,50 +266,56 @@ def evaluate_policy(stages: Stages, trunk_params: Any, ref_params: Any, prompts:
                                  jax.random.fold_in(rng, index))
         valid = batch["valid"]
         mask = sample.response_mask * (valid[:, None] != 0).astype(sample.response_mask.dtype)
-        raw, comps = stages.reward_fn(batch, sample.tokens, mask)
+        raw, _, comps = _score_reward(stages, batch, sample.tokens, mask)
         kl = stages.sequence_kl(trunk_params, ref_params,
                                 {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                                  "tokens": sample.tokens, "response_mask": mask})
         stats = _response_stats(sample.tokens, mask, batch["therapist_emotion"], stages.response_ids, 3)
-        per_row = {"scores": jnp.asarray(raw, jnp.float32), "kl": kl,
-                   **{f"reward/{k}": v for k, v in comps.items()},
+        per_row = {"scores": raw, "kl": kl, **{f"reward/{k}": v for k, v in comps.items()},
                    **{(f"{k}_mean" if k == "length" else f"{k}_rate"): v for k, v in stats.items()}}
-        v = np.asarray(jax.device_get(valid)) != 0
-        host = jax.device_get(per_row)
-        for key, value in host.items():
-            sums[key] = sums.get(key, 0.0) + float(np.sum(np.where(v, np.asarray(value, np.float64), 0.0)))
-        count += float(v.sum())
+        batch_sums, batch_count = jax.device_get(_valid_row_sums_fn(stages.mesh)(per_row, valid))
+        for key, value in batch_sums.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        count += float(batch_count)
     return {f"eval/{k}": s / max(count, 1.0) for k, s in sums.items()}
 
 
 # ------------------------------------------------------------------------------------------ the loop
 
 
+@workdir_lock.locked
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Runs (or resumes) PPO in `workdir` from the SFT run `config.init_from`; returns the last validation metrics."""
-    from therapy_rl import checkpoint, parallel, replies, run_files, sft
+    """Runs (or resumes) PPO in `workdir` from the SFT run `config.init_from`, holding the workdir's lock; returns
+    the last validation metrics.
+
+    Raises `RunBusyError` when another run holds the workdir, `IncompatibleResumeError` when the config changes a
+    field the saved run fixes (before anything is written), `NonFiniteError` at the first iteration whose reward
+    scores, loss, gradients or updated parameters hold a NaN or Inf, or whose validation reward does (nothing of
+    that iteration is saved).
+    """
+    from therapy_rl import checkpoint, nonfinite, parallel, replies, run_files, sft
     from therapy_rl.data import batches, pipeline, tokenize
     from therapy_rl import metrics_writer
     from therapy_rl.models import gpt2
 
-    os.makedirs(workdir, exist_ok=True)
-    last_ckpt, best_ckpt = checkpoint.run_checkpointers(workdir, config.keep_checkpoints)
-    resuming = last_ckpt.latest_step() is not None
     init_dir, init_step, sft_workdir = resolve_init(config.init_from, config.init_checkpoint, config.init_step)
-    if resuming:  # the reference is the exact SFT step this run started from
-        init = last_ckpt.restore_extras()["init"]
-        init_dir, init_step = init["directory"], int(init["step"])
     sft_info = run_files.read_run_info(sft_workdir)
     model_config = run_files.model_config_of(sft_workdir)
-
     data_cfg = resolve_data_config(config.data, sft_info["data"])
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.data = data_cfg
+    resume = run_files.check_resume(workdir, run_config)  # before anything is written in the workdir
+
+    last_ckpt, best_ckpt = checkpoint.run_checkpointers(workdir, config.keep_checkpoints)
+    resuming = last_ckpt.latest_step() is not None
+    if resuming:  # the reference is the exact SFT step this run started from
+        init = last_ckpt.restore_extras()["init"]
+        init_dir, init_step = init["directory"], int(init["step"])
     tok = tokenize.load_tokenizer(copy_tokenizer(sft_workdir, workdir))
     if tok.vocab_size > model_config.vocab_size:
         raise ValueError(f"tokenizer of {sft_workdir} has {tok.vocab_size} ids but the model only "
                          f"{model_config.vocab_size}")
-    run_files.write_run_info(workdir, run_config, model_config)
+    run_files.write_run_info(workdir, run_config, model_config, resume)
 
     splits = pipeline.load_samples(data_cfg, ("train", "val"))
     train = pipeline.encode_split(tok, data_cfg, splits["train"], with_sft=False, name="train")
@@ -280,13 +324,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if config.num_eval_prompts:
         val_prompts = {k: v[:config.num_eval_prompts] for k, v in val_prompts.items()}
 
-    reward_fn = simple_rewards.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
+    if config.reward.kind in ("human", "learned_human"):  # the rating room's kinds (therapy_rl/rate)
+        from therapy_rl.rate import human_reward
+        reward_fn = human_reward.build_reward(config.reward, tok, model_config.vocab_size, workdir)
+    else:
+        reward_fn = simple_rewards.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
     train_prompts = train.prompts
     if isinstance(reward_fn, simple_rewards.TherapyReward):  # user texts for the reward's relevance/safety parts
         train_prompts = reward_fn.register_prompts(
             train_prompts, [train.samples[i].user_text for i in train_prompts["sample_index"]])
         val_prompts = reward_fn.register_prompts(
             val_prompts, [val.samples[i].user_text for i in val_prompts["sample_index"]])
+    elif hasattr(reward_fn, "register_samples"):  # rewards that show or embed each prompt's sample (rate/)
+        train_prompts = reward_fn.register_samples(
+            train_prompts, [train.samples[i] for i in train_prompts["sample_index"]])
+        val_prompts = reward_fn.register_samples(val_prompts, [val.samples[i] for i in val_prompts["sample_index"]])
 
     mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     iterator = batches.BatchIterator(train_prompts, config.global_batch_size, seed=config.seed)
@@ -324,9 +376,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                           data_cfg.max_prompt_tokens)
     eval_key = jax.random.fold_in(root_key, 3)
 
+    def advice() -> str:
+        return nonfinite.advice(last_ckpt, config.learning_rate)
+
     def validate(step_now: int) -> dict[str, float]:
         metrics = evaluate_policy(stages, state.params[policy.TRUNK_KEY], ref_params, val_prompts,
                                   config.eval_batch_size, eval_key)
+        bad = [f"{k} ({v})" for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:  # before best/ could take it
+            raise nonfinite.error(f"validation {', '.join(bad)}", f"iteration {step_now}", advice())
         if tracker.update(metrics["eval/scores"]):
             best_ckpt.save(step_now, {"params": state.params[policy.TRUNK_KEY]},
                            {"eval/scores": metrics["eval/scores"], "step": step_now})
@@ -346,30 +404,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer = metrics_writer.MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
                                           enable_progress_bar=config.progress_bar)
     eval_metrics: dict[str, float] = {}
-    if iteration == 0 and config.eval_at_start:  # the SFT policy's validation reward: the baseline to beat
-        eval_metrics = validate(0)
-        writer.write(0, eval_metrics)
-    stop = tracker.should_stop
-    while iteration < total_iterations and not stop:
-        result = run_iteration(stages, state, ref_params, parallel.global_batch_from_host(next(iterator), mesh))
-        state = result.state
-        iteration += 1
-        last = iteration == total_iterations
-        if iteration % config.log_every_iterations == 0 or last:
-            metrics = dict(result.metrics)
-            metrics.update({"episode": iteration * config.global_batch_size,
-                            "lr": float(lr_at((iteration - 1) * updates_per_iteration)),
-                            "epoch": iteration / iterator.steps_per_epoch})
-            writer.write(iteration, metrics)
-            writer.advance(0, {"score": metrics["objective/scores"], "kl": metrics["objective/kl"]})
-        writer.advance(1)
-        if iteration % config.eval_every_iterations == 0 or last:
-            eval_metrics = validate(iteration)
-            stop = tracker.should_stop
-            writer.write(iteration, eval_metrics)
-        if iteration % config.checkpoint_every_iterations == 0 or last or stop:
-            last_ckpt.save(iteration, state, extras())
-    writer.close()
+    try:
+        if iteration == 0 and config.eval_at_start:  # the SFT policy's validation reward: the baseline to beat
+            eval_metrics = validate(0)
+            writer.write(0, eval_metrics)
+        stop = tracker.should_stop
+        while iteration < total_iterations and not stop:
+            result = run_iteration(stages, state, ref_params, parallel.global_batch_from_host(next(iterator), mesh))
+            state = result.state
+            iteration += 1
+            bad = int(result.metrics.pop(nonfinite.KEY))  # run_iteration already read the metrics: no extra sync
+            if bad:
+                raise nonfinite.error(nonfinite.describe(bad, ppo_step.GUARDED), f"iteration {iteration}", advice())
+            last = iteration == total_iterations
+            if iteration % config.log_every_iterations == 0 or last:
+                metrics = dict(result.metrics)
+                metrics.update({"episode": iteration * config.global_batch_size,
+                                "lr": float(lr_at((iteration - 1) * updates_per_iteration)),
+                                "epoch": iteration / iterator.steps_per_epoch})
+                writer.write(iteration, metrics)
+                writer.advance(0, {"score": metrics["objective/scores"], "kl": metrics["objective/kl"]})
+            writer.advance(1)
+            if iteration % config.eval_every_iterations == 0 or last:
+                eval_metrics = validate(iteration)
+                stop = tracker.should_stop
+                writer.write(iteration, eval_metrics)
+            if iteration % config.checkpoint_every_iterations == 0 or last or stop:
+                last_ckpt.save(iteration, state, extras())
+    finally:
+        writer.close()
     if stop and iteration < total_iterations:
         print(f"[ppo] early stop at iteration {iteration}: no eval/scores improvement in "
               f"{tracker.patience_evals} evals")

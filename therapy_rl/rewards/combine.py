@@ -8,6 +8,10 @@
 Components are logged unweighted; `total_raw` is the total before whitening. A switched-off component is 0 and
 is not computed (e.g. with relevance, sentiment and empathy off the reply is never encoded).
 
+`after_clip` is the part of `total_raw` added after the clip (the safety penalty with safety_after_clip, else 0).
+A consumer that clips the total again must clip only `total_raw - after_clip` and add it back, or it hides the
+penalty again: the PPO step does (`ppo/core.clip_scores`; `ppo/simple_rewards.AFTER_CLIP`).
+
 The only host step is in `RewardModel.score`: the reply's policy ids are cut to the text region, decoded with
 the caller's `decode_fn`, and re-tokenized for MiniLM at a fixed length, so `reward_fn_jit` compiles once
 per batch shape.
@@ -214,8 +218,10 @@ def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mas
             + cfg.empathy_weight * comps["empathy"] + cfg.penalty_weight * comps["penalty"])
     if cfg.safety_after_clip:
         total = jnp.clip(base, cfg.clip_min, cfg.clip_max) + comps["safety"]
+        comps["after_clip"] = comps["safety"]
     else:
         total = jnp.clip(base + comps["safety"], cfg.clip_min, cfg.clip_max)
+        comps["after_clip"] = zeros
     total = total * valid_f
     comps["total_raw"] = total
     if cfg.whiten:

@@ -15,6 +15,10 @@ alone sees "hanging out" near "hanging"; an idiom never cancels a strong or a co
 the text). All matching runs on padded id tables inside jit, so the reward and the chat
 CLI share one code path. `crisis_flags` is meant for USER text; replies are checked with `encourages_harm` and
 `mentions_crisis_resources` (a good reply to a crisis names suicide and a crisis line, and must not be flagged).
+
+Chat, the API and the CLI use `therapy_rl.guard` instead: it reads the whole input in windows (this module's
+`CrisisDetector` truncates to `max_length` tokens), counts earlier turns, has a learned reply guard, and keeps this
+lexicon as its second signal. `CrisisDetector` stays for comparison and for the reward's user-side flag.
 """
 from __future__ import annotations
 
