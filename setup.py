@@ -35,6 +35,7 @@ RATE = [
 
 DEV = VIZ + RATE + [
     "pytest>=8",
+    "peft>=0.21",  # tests/test_lora.py: an exported adapter loaded in PEFT gives our logits
     "selenium>=4.20",  # the rating page's browser test (with Debian's chromium + chromium-driver, .ci/run)
     # CPU build on this machine's disk; a plain `torch` would pull CUDA wheels.
     "torch==2.13.0",

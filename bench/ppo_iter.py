@@ -63,9 +63,11 @@ def build_checkpoint(preset: str, out_dir: str, seed: int = 0) -> None:
 def bench_jax(model_dir: str, iterations: int, separate_critic: bool) -> dict:
     import jax
 
-    from therapy_rl import parallel, sampling, sft
+    from therapy_rl import optim, parallel, sampling
     from therapy_rl.models import hf_io
-    from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step, trainer
+    from therapy_rl.ppo import core, policy, step as ppo_step, trainer
+    from therapy_rl.rewards import protocol as reward_protocol
+    from therapy_rl.rewards import simple as simple_rewards
 
     model_config, params = hf_io.load_hf_gpt2(model_dir)
     model_config = model_config.replace(dropout_rate=0.0)
@@ -73,12 +75,12 @@ def bench_jax(model_dir: str, iterations: int, separate_critic: bool) -> dict:
     spec = policy.PolicySpec(model_config, separate_critic=separate_critic)
     hyper = ppo_step.PPOHyper(kl=core.KLControllerConfig(init_coef=0.2), num_epochs=EPOCHS, num_minibatches=1,
                               eos_id=-1)
-    optimizer = sft.make_optimizer(sft.OptimizerConfig(learning_rate=1e-6, total_steps=1000, schedule="constant",
-                                                       grad_clip_norm=0.0))
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-6, total_steps=1000, schedule="constant",
+                                                           grad_clip_norm=0.0))
     state, state_sh, ref, ref_sh = trainer.init_state(spec, optimizer, hyper.kl, params, mesh, jax.random.key(0))
     sampling_config = sampling.SamplingConfig(max_new_tokens=NEW, eos_id=None, pad_id=PAD)
     stages = trainer.build_stages(spec, hyper, sampling_config, optimizer, mesh, state_sh, ref_sh,
-                                  simple_rewards.TargetTokenReward(TARGET), simple_rewards.ResponseIds(eos_id=-1),
+                                  simple_rewards.TargetTokenReward(TARGET), reward_protocol.ResponseIds(eos_id=-1),
                                   BATCH, PROMPT)
     rows = []
     for it in range(iterations + 1):

@@ -1,6 +1,6 @@
 """SFT train-step throughput: our jitted step against HF PyTorch, in the same run, plus MFU.
 
-Ours: ``sft.make_train_step`` with ``sft.make_optimizer`` (AdamW + warm-up/decay + global-norm clipping),
+Ours: ``sft.make_train_step`` with ``optim.make_optimizer`` (AdamW + warm-up/decay + global-norm clipping),
 state created by ``sft.init_train_state`` and jitted by ``sft.jit_train_step`` on a 1-device mesh, i.e. the
 exact functions the SFT loop runs. Torch: ``transformers.GPT2LMHeadModel`` (same config, train mode, so the
 same dropout) + ``torch.optim.AdamW`` + ``clip_grad_norm_`` + the same masked next-token loss and token
@@ -93,10 +93,10 @@ def make_batches(num: int, batch_size: int, seq_len: int, vocab_size: int, seed:
 
 def optimizer_config(total_steps: int = 1000):
     """The paper's SFT optimiser: AdamW 2e-5, 10% linear warm-up then linear decay, clip 1.0, no decay."""
-    from therapy_rl import sft
+    from therapy_rl import optim
 
-    return sft.OptimizerConfig(learning_rate=2e-5, warmup_steps=total_steps // 10, total_steps=total_steps,
-                               schedule="linear", weight_decay=0.0, grad_clip_norm=1.0)
+    return optim.OptimizerConfig(learning_rate=2e-5, warmup_steps=total_steps // 10, total_steps=total_steps,
+                                 schedule="linear", weight_decay=0.0, grad_clip_norm=1.0)
 
 
 class OursStep:
@@ -105,12 +105,12 @@ class OursStep:
     def __init__(self, config, batches: list[dict], seed: int = 0):
         import jax
 
-        from therapy_rl import parallel, sft
+        from therapy_rl import optim, parallel, sft
         from therapy_rl.models import gpt2
 
         self.jax = jax
         model = gpt2.GPT2LMHeadModel(config)
-        optimizer = sft.make_optimizer(optimizer_config())
+        optimizer = optim.make_optimizer(optimizer_config())
         mesh = parallel.make_mesh(parallel.MeshShape(1, 1, 1), jax.devices()[:1])
         self.state, shardings = sft.init_train_state(lambda k: gpt2.init_params(config, k), optimizer, seed,
                                                      mesh, parallel.GPT2_PARTITION_RULES)
@@ -151,7 +151,7 @@ class TorchStep:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
                                            eps=opt.eps, weight_decay=opt.weight_decay, **kwargs)
 
-        def lr_factor(step: int) -> float:  # the same warm-up + linear decay as sft.learning_rate_schedule
+        def lr_factor(step: int) -> float:  # the same warm-up + linear decay as optim.learning_rate_schedule
             if step < opt.warmup_steps:
                 return step / max(opt.warmup_steps, 1)
             decay_steps = max(opt.total_steps - opt.warmup_steps, 1)

@@ -2,6 +2,7 @@
 # Multi-host rehearsal on one machine: N CPU processes (gloo collectives), each with D virtual devices,
 # form one global mesh of N*D devices. Exercises per-host data sharding and multi-host checkpointing.
 #   launch/local_multiprocess.sh 2 2 configs/quickstart.py /tmp/mp_run --config.max_steps=20
+#   launch/local_multiprocess.sh 2 2 configs/eval_quickstart.py /tmp/mp_eval --config.checkpoint=/tmp/mp_run
 set -euo pipefail
 nproc_=${1:?number of processes}; devices=${2:?devices per process}; config=${3:?config}; workdir=${4:?workdir}
 shift 4

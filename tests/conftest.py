@@ -73,7 +73,7 @@ def quickstart_sft_workdir(tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("quickstart_sft"))
     config = load_config("quickstart", max_steps=60, eval_every_steps=30, checkpoint_every_steps=30,
-                         num_sample_replies=0, progress_bar=False)
+                         num_sample_replies=0, progress_bar=False, export_hf=True)
     sft.train_and_evaluate(config, workdir)
     return workdir
 

@@ -111,6 +111,14 @@ def test_transformers_greedy_matches_ours_and_stops_at_eos(ppo_export, quickstar
     assert stopped >= 3, "too few replies end with <eos> to test stopping"
 
 
+def test_sft_export_hf_flag_writes_the_best_checkpoint(quickstart_sft_workdir):
+    """--config.export_hf=True: the run's own hf_export/ is the export of best/, card included."""
+    out = os.path.join(quickstart_sft_workdir, "hf_export")
+    assert_exports(out, run_lib.open_run(quickstart_sft_workdir, "best"))
+    for name in ("config.json", "generation_config.json", "README.md"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
 def test_sft_export_last_and_step(quickstart_sft_workdir, tmp_path):
     best = export.export_run(quickstart_sft_workdir, str(tmp_path / "best"))
     last = export.export_run(quickstart_sft_workdir, str(tmp_path / "last"), "last")

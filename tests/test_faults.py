@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import checkpoint_steps, load_config, restore_checkpoint_as_numpy
-from therapy_rl import checkpoint, errors, nonfinite, run_files, sft, workdir_lock
+from therapy_rl import checkpoint, errors, nonfinite, optim, run_files, sft, workdir_lock
 from therapy_rl.models import gpt2
 from therapy_rl.ppo import policy, step as ppo_step
 
@@ -77,8 +77,8 @@ def test_ppo_update_flags_non_finite_rewards_of_valid_rows_only():
     model = gpt2.GPT2Config(vocab_size=32, n_positions=32, n_embd=32, n_layer=1, n_head=4, dropout_rate=0.0)
     spec = policy.PolicySpec(model)
     hyper = ppo_step.PPOHyper(num_epochs=1, num_minibatches=1, eos_id=1)
-    optimizer = sft.make_optimizer(sft.OptimizerConfig(learning_rate=1e-3, total_steps=10, schedule="constant",
-                                                       grad_clip_norm=0.0))
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3, total_steps=10, schedule="constant",
+                                                           grad_clip_norm=0.0))
     params = policy.init_policy_params(gpt2.init_params(model, jax.random.key(0)), jax.random.key(1), spec)
     state = ppo_step.create_state(params, optimizer, hyper.kl, jax.random.key_data(jax.random.key(2)))
     update = jax.jit(ppo_step.make_update_step(spec, hyper, optimizer))

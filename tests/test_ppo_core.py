@@ -1,9 +1,11 @@
-"""therapy_rl.ppo.core against plain NumPy / Python-loop references in float64, on edge-case masks."""
+"""therapy_rl.ppo.core and the shared kernels it uses (therapy_rl.ops: masked statistics, gradient accumulation)
+against plain NumPy / Python-loop references in float64, on edge-case masks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from therapy_rl import ops
 from therapy_rl.ppo import core
 
 # rows: ragged, full, single token, all-zero, ragged (T = 6)
@@ -99,23 +101,23 @@ def np_log_softmax(z):
 def test_masked_mean_var_match_numpy(name):
     m = MASKS[name]
     x = rand(0, m.shape)
-    np.testing.assert_allclose(core.masked_mean(x, m), np_masked_mean(x, m), rtol=1e-12)
-    np.testing.assert_allclose(core.masked_var(x, m), np_masked_var(x, m), rtol=1e-12)
-    np.testing.assert_allclose(core.masked_var(x, m, unbiased=False), np_masked_var(x, m, False), rtol=1e-12)
-    per_row = core.masked_mean(x, m, axis=-1)
+    np.testing.assert_allclose(ops.masked_mean(x, m), np_masked_mean(x, m), rtol=1e-12)
+    np.testing.assert_allclose(ops.masked_var(x, m), np_masked_var(x, m), rtol=1e-12)
+    np.testing.assert_allclose(ops.masked_var(x, m, unbiased=False), np_masked_var(x, m, False), rtol=1e-12)
+    per_row = ops.masked_mean(x, m, axis=-1)
     for b in range(m.shape[0]):
         np.testing.assert_allclose(per_row[b], np_masked_mean(x[b], m[b]), rtol=1e-12, atol=1e-15)
 
 
 def test_masked_stats_empty_and_single_and_nan_padding():
     x = np.array([[1.0, np.nan, np.inf]])
-    assert float(core.masked_mean(x, np.zeros((1, 3)))) == 0.0
-    assert float(core.masked_var(x, np.zeros((1, 3)))) == 0.0
+    assert float(ops.masked_mean(x, np.zeros((1, 3)))) == 0.0
+    assert float(ops.masked_var(x, np.zeros((1, 3)))) == 0.0
     one = np.array([[1, 0, 0]])
-    assert float(core.masked_mean(x, one)) == 1.0
-    assert float(core.masked_var(x, one)) == 0.0          # n = 1: Bessel undefined -> 0
-    assert float(core.masked_var(x, one, unbiased=False)) == 0.0
-    assert np.isfinite(core.masked_sum(x, one))
+    assert float(ops.masked_mean(x, one)) == 1.0
+    assert float(ops.masked_var(x, one)) == 0.0          # n = 1: Bessel undefined -> 0
+    assert float(ops.masked_var(x, one, unbiased=False)) == 0.0
+    assert np.isfinite(ops.masked_sum(x, one))
 
 
 @pytest.mark.parametrize("name", list(MASKS))
@@ -123,7 +125,7 @@ def test_masked_stats_empty_and_single_and_nan_padding():
 def test_masked_whiten_matches_numpy(name, shift_mean):
     m = MASKS[name]
     x = rand(1, m.shape, 3.0) + 2.0
-    y = np.asarray(core.masked_whiten(x, m, shift_mean=shift_mean))
+    y = np.asarray(ops.masked_whiten(x, m, shift_mean=shift_mean))
     np.testing.assert_allclose(y, np_whiten(x, m, shift_mean), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(y[m == 0], x[m == 0])  # padding untouched
     if shift_mean:
@@ -325,7 +327,7 @@ def test_rollout_targets_match_trl_pipeline(estimator, whiten_token_rewards):
     np.testing.assert_allclose(stats["ppo/std_scores"], scores.std(ddof=1), rtol=1e-12)
     np.testing.assert_allclose(stats["objective/rlhf_reward"], (scores - kl_coef * kl.sum(-1)).mean(), rtol=1e-12)
     np.testing.assert_allclose(stats["returns/var"], np_masked_var(ret, m), rtol=1e-10)
-    np.testing.assert_allclose(stats["val/mean"], np_masked_mean(values, m), rtol=1e-12)
+    np.testing.assert_allclose(stats["value/mean"], np_masked_mean(values, m), rtol=1e-12)
     np.testing.assert_allclose(stats["tokens/responses_len_mean"], m.sum(-1).mean(), rtol=1e-12)
 
 
@@ -434,7 +436,7 @@ def test_ppo_loss_combines_terms_with_trl_names():
     vf, _ = core.clipped_value_loss(values, mb["old_values"], mb["returns"], m, 0.2)
     np.testing.assert_allclose(total, float(pg) + 0.1 * float(vf) - 0.01 * np_masked_mean(ent, m), rtol=1e-12)
     assert {"loss/policy", "loss/value", "loss/total", "policy/clipfrac", "policy/approxkl", "policy/entropy",
-            "val/clipfrac", "val/vpred", "val/error", "returns/mean"} <= set(metrics)
+            "value/clipfrac", "value/vpred", "value/error", "returns/mean"} <= set(metrics)
     with pytest.raises(ValueError, match="lacks"):
         core.ppo_loss(logp, values, {"old_logp": old}, cfg)
     with pytest.raises(ValueError, match="entropy"):
@@ -474,7 +476,7 @@ def test_gradient_accumulation_equals_full_batch(mode):
 
     def loss_fn(p, micro, rng):
         return _toy_loss(p, micro, rng, cfg, denom)
-    loss, grads, metrics = jax.jit(core.accumulate_gradients, static_argnums=(0, 3))(loss_fn, params, mb, 4)
+    loss, grads, metrics = jax.jit(ops.accumulate_gradients, static_argnums=(0, 3))(loss_fn, params, mb, 4)
     np.testing.assert_allclose(loss, full_loss, rtol=1e-10)
     for k in grads:
         np.testing.assert_allclose(grads[k], full_grads[k], rtol=1e-9, atol=1e-12)
@@ -484,7 +486,7 @@ def test_gradient_accumulation_equals_full_batch(mode):
     # sanity: averaging per-micro-batch means (own denominators) would NOT match the ragged full batch
     def naive(p, micro, rng):
         return _toy_loss(p, micro, rng, cfg, None)
-    naive_loss, _, _ = core.accumulate_gradients(naive, params, mb, 4)
+    naive_loss, _, _ = ops.accumulate_gradients(naive, params, mb, 4)
     assert abs(float(naive_loss) / 4 - float(full_loss)) > 1e-6
 
 
@@ -496,13 +498,13 @@ def test_accumulate_gradients_passes_one_key_per_microbatch():
         noise = jax.random.uniform(rng, ())
         return p["a"] * jnp.sum(micro["x"]) * noise, noise
     key = jax.random.key(3)
-    loss, grads, noise_sum = core.accumulate_gradients(loss_fn, params, mb, 2, rng=key)
     keys = jax.random.split(key, 2)
+    loss, grads, noise_sum = ops.accumulate_gradients(loss_fn, params, mb, 2, keys)
     n = [jax.random.uniform(k, ()) for k in keys]
     np.testing.assert_allclose(noise_sum, n[0] + n[1], rtol=1e-12)
     np.testing.assert_allclose(grads["a"], 6.0 * n[0] + 22.0 * n[1], rtol=1e-12)
     with pytest.raises(ValueError, match="divisible"):
-        core.accumulate_gradients(loss_fn, params, mb, 3, rng=key)
+        ops.accumulate_gradients(loss_fn, params, mb, 3, jax.random.split(key, 3))
 
 
 def test_aggregate_is_additive_over_row_splits():
@@ -600,7 +602,7 @@ def test_epochs_minibatches_microbatches_compose_under_one_jit():
     def update(state, mb):
         p, step = state
         denom = core.loss_denominator(mb["response_mask"], cfg.aggregation)
-        loss, grads, metrics = core.accumulate_gradients(
+        loss, grads, metrics = ops.accumulate_gradients(
             lambda q, micro, rng: _toy_loss(q, micro, rng, cfg, denom), p, mb, 2)
         grads, skipped = core.gate_on_ratio(grads, metrics["policy/ratio_mean"], threshold)
         p = jax.tree_util.tree_map(lambda w, g: w - lr * g, p, grads)

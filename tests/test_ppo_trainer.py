@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from therapy_rl import parallel, sampling, sft
+from therapy_rl import optim, parallel, sampling
 from therapy_rl.models import gpt2
-from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step, trainer
+from therapy_rl.ppo import core, policy, step as ppo_step, trainer
+from therapy_rl.rewards import protocol as reward_protocol
+from therapy_rl.rewards import simple as simple_rewards
 
 VOCAB, PROMPT, NEW, BATCH = 32, 6, 8, 16
 EOS, PAD, TARGET = 1, 0, 5
@@ -26,8 +28,8 @@ def _prompts(seed, batch=BATCH):
 
 
 def _optimizer(lr):
-    return sft.make_optimizer(sft.OptimizerConfig(learning_rate=lr, total_steps=1000, schedule="constant",
-                                                  grad_clip_norm=0.0))
+    return optim.make_optimizer(optim.OptimizerConfig(learning_rate=lr, total_steps=1000, schedule="constant",
+                                                      grad_clip_norm=0.0))
 
 
 def _fresh_state(spec, hyper, mesh, lr, seed=0):
@@ -44,7 +46,7 @@ def _setup(mesh_shape=(1, 1, 1), devices=None, lr=3e-3, init_kl=0.01, num_miniba
     state, state_sh, ref, ref_sh = _fresh_state(spec, hyper, mesh, lr)
     sampling_config = sampling.SamplingConfig(max_new_tokens=NEW, eos_id=EOS, pad_id=PAD)
     stages = trainer.build_stages(spec, hyper, sampling_config, _optimizer(lr), mesh, state_sh, ref_sh,
-                                  simple_rewards.TargetTokenReward(TARGET), simple_rewards.ResponseIds(eos_id=EOS),
+                                  simple_rewards.TargetTokenReward(TARGET), reward_protocol.ResponseIds(eos_id=EOS),
                                   BATCH, PROMPT)
     return stages, state, ref, mesh
 
@@ -209,7 +211,7 @@ def test_separate_critic_params_and_value_head_layout():
 
 def test_response_stats_and_emotion_tag_match_python():
     marker, emotions = 9, (20, 21, 22, 23, 24, 25, 26)
-    ids = simple_rewards.ResponseIds(eos_id=EOS, therapist_emotion_id=marker, emotion_ids=emotions)
+    ids = reward_protocol.ResponseIds(eos_id=EOS, therapist_emotion_id=marker, emotion_ids=emotions)
     tokens = np.array([[4, 5, 6, 4, 5, 6, marker, 22, EOS, 0],    # tag "depression" (index 2), a repeated trigram
                        [4, 4, 4, 4, marker, 7, EOS, 0, 0, 0],        # marker followed by a non-label
                        [3, 5, 7, 2, 6, 8, 4, 3, 3, 3],               # no marker, no EOS
@@ -309,7 +311,7 @@ class _FakeRewardModel:
 
 def test_therapy_reward_adapter_caches_user_features_in_fixed_chunks():
     model = _FakeRewardModel()
-    reward = simple_rewards.TherapyReward(model=model, decode_fn=str, chunk_size=4)
+    reward = reward_protocol.TherapyReward(model=model, decode_fn=str, chunk_size=4)
     texts = [f"text {'a' * i}" + (" help" if i % 5 == 0 else "") for i in range(10)]
     base = {"valid": np.ones(10, np.int32), "user_emotion": np.zeros(10, np.int32),
             "therapist_emotion": np.zeros(10, np.int32)}

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from therapy_rl.ppo import simple_rewards
+from therapy_rl.rewards import protocol as reward_protocol
+from therapy_rl.rewards import simple as simple_rewards
 from therapy_rl.rate import guard_check, human_reward, store as store_lib
 from therapy_rl.rate.store import Rating
 
@@ -86,9 +87,9 @@ def test_queue_wait_timeout_skips_unrated_rows(tmp_path):
     total, parts = reward.for_iteration(0)(_four_rows(prompts), TOKENS, MASK)
     total, parts = np.asarray(total), {k: np.asarray(v) for k, v in parts.items()}
 
-    np.testing.assert_array_equal(parts[simple_rewards.RATED], [1, 1, 0, 0])
+    np.testing.assert_array_equal(parts[reward_protocol.RATED], [1, 1, 0, 0])
     np.testing.assert_allclose(total, [0.8, 0.3 - 2.0, 0.0, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(parts[simple_rewards.AFTER_CLIP], [0.0, -2.0, 0.0, 0.0])
+    np.testing.assert_allclose(parts[reward_protocol.AFTER_CLIP], [0.0, -2.0, 0.0, 0.0])
     np.testing.assert_array_equal(parts["human_unsafe"], [0, 1, 0, 0])
     assert 9.9 <= clock.now <= 11.0, "waited until the timeout, not longer"
     assert any("timeout" in line and "1 unrated ones are skipped" in line for line in lines), lines
@@ -220,7 +221,7 @@ def test_validation_uses_the_automatic_reward_alone(tmp_path):
     total, parts = reward(batch, TOKENS, MASK)
     expected, _ = auto(batch, TOKENS, MASK)
     np.testing.assert_allclose(np.asarray(total), np.asarray(expected))
-    assert simple_rewards.RATED not in parts and store.batches() == []
+    assert reward_protocol.RATED not in parts and store.batches() == []
     bare, prompts = _reward(store, FakeClock())
     total, parts = bare(_four_rows(prompts), TOKENS, MASK)
     np.testing.assert_array_equal(np.asarray(total), np.zeros(4))
@@ -272,14 +273,14 @@ class MaskedReward:
             n = tokens.shape[0]
             rated = (jnp.arange(n) < self.rated_rows).astype(jnp.float32)
             share = jnp.mean((tokens == 5) & (mask != 0), axis=-1).astype(jnp.float32)
-            return jnp.where(rated > 0, share, self.junk), {simple_rewards.RATED: rated}
+            return jnp.where(rated > 0, share, self.junk), {reward_protocol.RATED: rated}
 
         return reward
 
 
 @pytest.fixture(scope="module")
 def tiny_trainer():
-    from therapy_rl import parallel, sampling, sft
+    from therapy_rl import optim, parallel, sampling
     from therapy_rl.models import gpt2
     from therapy_rl.ppo import core, policy, step as ppo_step, trainer
 
@@ -287,8 +288,8 @@ def tiny_trainer():
     mesh = parallel.make_mesh(parallel.MeshShape(1, 1, 1), jax.devices()[:1])
     spec = policy.PolicySpec(model)
     hyper = ppo_step.PPOHyper(kl=core.KLControllerConfig(init_coef=0.01), num_epochs=2, num_minibatches=1, eos_id=1)
-    optimizer = sft.make_optimizer(sft.OptimizerConfig(learning_rate=1e-2, total_steps=100, schedule="constant",
-                                                       grad_clip_norm=0.0))
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-2, total_steps=100, schedule="constant",
+                                                           grad_clip_norm=0.0))
     trunk = jax.device_get(gpt2.init_params(model, jax.random.key(0)))
 
     def fresh():
@@ -298,7 +299,7 @@ def tiny_trainer():
     sampling_config = sampling.SamplingConfig(max_new_tokens=6, eos_id=1, pad_id=0)
 
     stages = trainer.build_stages(spec, hyper, sampling_config, optimizer, mesh, state_sh, ref_sh, None,
-                                  simple_rewards.ResponseIds(eos_id=1), 8, 4)
+                                  reward_protocol.ResponseIds(eos_id=1), 8, 4)
 
     def stages_for(reward):  # the jitted stages do not depend on the reward
         return dataclasses.replace(stages, reward_fn=reward)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from therapy_rl import ops
 from therapy_rl.data import labels
 from therapy_rl.data.labels import EMOTION_GROUP, EMOTIONS
 from therapy_rl.data.tokenize import train_bpe_tokenizer
@@ -243,12 +244,12 @@ def test_switches_off_skip_work(tok, encoder):
 
 def test_whitening_ignores_padding_rows():
     x = jnp.asarray([1.0, 2.0, 3.0, 100.0])
-    out = np.asarray(R.whiten_masked(x, jnp.asarray([1, 1, 1, 0])))
+    out = np.asarray(ops.masked_whiten(x, jnp.asarray([1, 1, 1, 0]), unbiased=False, masked_value=0.0))
     ref = (np.array([1.0, 2.0, 3.0]) - 2.0) / np.sqrt(2.0 / 3.0 + 1e-8)
     np.testing.assert_allclose(out[:3], ref, rtol=1e-5)
     assert out[3] == 0.0
     # a single valid row gives 0 rather than NaN
-    assert np.isfinite(np.asarray(R.whiten_masked(x, jnp.asarray([0, 1, 0, 0])))).all()
+    assert np.isfinite(np.asarray(ops.masked_whiten(x, jnp.asarray([0, 1, 0, 0]), unbiased=False))).all()
 
 
 def test_compiles_once_for_a_batch_shape(tok, encoder):
@@ -309,10 +310,16 @@ def test_user_features(tok, encoder):
 
 
 def test_report_command_on_bundled_sample(tmp_path):
-    """The report CLI end to end on the package's bundled sample (no dataset needed), tiny shapes."""
+    """The report CLI (tools/reward_report.py) end to end on the package's bundled sample (no dataset needed), tiny
+    shapes."""
     import io
+    import sys
 
-    from therapy_rl.rewards import report
+    from conftest import REPO_ROOT
+
+    if REPO_ROOT not in sys.path:  # tools/ is beside the package, not in it
+        sys.path.insert(0, REPO_ROOT)
+    from tools import reward_report as report
 
     out = tmp_path / "report.json"
     stream = io.StringIO()
@@ -348,7 +355,8 @@ def test_safety_penalty_survives_every_clip_up_to_gae(tok, encoder):
     from types import SimpleNamespace
 
     from therapy_rl import parallel
-    from therapy_rl.ppo import core, simple_rewards, step as ppo_step, trainer
+    from therapy_rl.ppo import core, step as ppo_step, trainer
+    from therapy_rl.rewards import protocol as reward_protocol
 
     def fake_crisis(lexicon, heads, ids, mask, emb):
         return jnp.any((ids == lexicon["harm_id"]) & (mask > 0), axis=1).astype(jnp.int32)
@@ -356,7 +364,7 @@ def test_safety_penalty_survives_every_clip_up_to_gae(tok, encoder):
     cfg = R.RewardConfig(quality_weight=1.2, use_emotion=False, use_relevance=False, use_sentiment=False,
                          use_empathy=False, use_penalty=False, whiten=False)
     model = make_model(tok, encoder, cfg, backends=dataclasses.replace(FAKE, crisis_flags=fake_crisis))
-    reward = simple_rewards.TherapyReward(model=model, decode_fn=tok.decode)
+    reward = reward_protocol.TherapyReward(model=model, decode_fn=tok.decode)
     users = ["They hurt me.", "Work is fine I guess.", "I lost my job.", "Nobody listens to me."]
     replies = [("", "neutral"), ("", "neutral"), ("That sounds really hard for you.", "neutral"),
                ("How does that make you feel?", "neutral")]
@@ -376,7 +384,7 @@ def test_safety_penalty_survives_every_clip_up_to_gae(tok, encoder):
     # the trainer's split: the penalty travels to the update beside the raw score, never as a logged component
     raw, after_clip, logged = trainer._score_reward(SimpleNamespace(reward_fn=reward, mesh=mesh), batch, tokens, mask)
     np.testing.assert_allclose(np.asarray(after_clip), [-5.0, 0.0, 0.0, 0.0])
-    assert simple_rewards.AFTER_CLIP not in logged and "safety" in logged
+    assert reward_protocol.AFTER_CLIP not in logged and "safety" in logged
 
     # the PPO step: score clip to [-10, 10], whitening, then token rewards, GAE and whitened advantages
     hyper = ppo_step.PPOHyper(score_clip=10.0)
@@ -400,7 +408,7 @@ def test_safety_penalty_survives_every_clip_up_to_gae(tok, encoder):
 def test_ppo_therapy_reward_refuses_its_own_whitening(tok):
     """The PPO step whitens over the global batch; the reward's own whitening would see one process's rows."""
     from therapy_rl.errors import ConfigError
-    from therapy_rl.ppo import simple_rewards
+    from therapy_rl.rewards import protocol as reward_protocol
 
     with pytest.raises(ConfigError, match="config.reward.therapy.whiten"):
-        simple_rewards.therapy_reward({"whiten": True}, tok)
+        reward_protocol.therapy_reward({"whiten": True}, tok)

@@ -1,6 +1,6 @@
 """The full therapy reward (MiniLM encoder, heads, safety) in a multi-process PPO run on MESC.
 
-Each process scores only its own rows of every batch (`simple_rewards.ProcessRows`), so 2 processes x 2 devices
+Each process scores only its own rows of every batch (`rewards/protocol.ProcessRows`), so 2 processes x 2 devices
 must log the same metrics and reach the same params as 1 process x 4 devices. A tiny SFT run on MESC is the
 starting point of both PPO runs.
 """

@@ -1,11 +1,12 @@
-"""The SFT loss that training imports, against a plain NumPy reference: values, gradient, masks, ties."""
+"""The SFT loss that training imports (and its kernel, `ops.softmax_token_stats`), against a plain NumPy reference:
+values, gradient, masks, ties."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from therapy_rl import sft
+from therapy_rl import ops, sft
 
 
 def _np_log_softmax(x):
@@ -56,7 +57,8 @@ def test_gradient_matches_numpy_softmax_minus_onehot(batch):
 
 def test_tied_target_counts_as_correct():
     logits = jnp.asarray([[2.0, 5.0, 5.0, 1.0]])
-    nll, correct = sft.token_nll_and_correct(logits, jnp.asarray([2]))
-    np.testing.assert_allclose(nll, -_np_log_softmax(np.asarray(logits, np.float64))[0, 2], rtol=1e-6)
-    assert float(correct[0]) == 1.0
-    assert float(sft.token_nll_and_correct(logits, jnp.asarray([0]))[1][0]) == 0.0
+    stats = ops.softmax_token_stats(logits, jnp.asarray([2]))
+    np.testing.assert_allclose(stats.nll, -_np_log_softmax(np.asarray(logits, np.float64))[0, 2], rtol=1e-6)
+    np.testing.assert_allclose(stats.logp, -stats.nll, rtol=1e-6)
+    assert float(stats.correct[0]) == 1.0
+    assert float(ops.softmax_token_stats(logits, jnp.asarray([0])).correct[0]) == 0.0

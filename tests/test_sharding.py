@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from therapy_rl import parallel, sft
+from therapy_rl import optim, parallel, sft
 from therapy_rl.models import gpt2
 
 VOCAB, SEQ, BATCH = 256, 16, 8
@@ -26,7 +26,7 @@ def _run(mesh_shape, devices, grad_accum_steps=1, num_steps=3, dropout_rate=0.1)
     config = gpt2.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4,
                              dropout_rate=dropout_rate)
     model = gpt2.GPT2LMHeadModel(config)
-    optimizer = sft.make_optimizer(sft.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
+    optimizer = optim.make_optimizer(optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10))
     mesh = parallel.make_mesh(parallel.MeshShape(*mesh_shape), devices)
     state, shardings = sft.init_train_state(lambda k: gpt2.init_params(config, k), optimizer, 0, mesh,
                                             parallel.GPT2_PARTITION_RULES)

@@ -5,9 +5,11 @@
     reply = policy.reply("I had a long week at work and I feel drained.", user_emotion="sadness")
     print(reply.text, reply.emotion, reply.source)
 
-The guard is on by default. Each user message goes through the crisis detector first (lexicon + trained head,
-`rewards/safety.py`): a detected crisis gets `CRISIS_MESSAGE` (crisis-line guidance), never model output. A model
-reply that encourages harm is replaced by `UNSAFE_REPLY_MESSAGE`. Both come back with ``source="guard"``.
+The guard is on by default: `therapy_rl.guard` (a fine-tuned MiniLM with the crisis lexicon as a second signal;
+REWARDS.md, "Guard"). Each user message is checked with its earlier turns first: a detected crisis gets
+`CRISIS_MESSAGE` (crisis-line guidance, plus a line per urgent category), never model output. Each model reply is
+checked with the message it answers; a harmful one (encouraging harm, means or methods, medication changes,
+shaming, secrecy) is replaced by `UNSAFE_REPLY_MESSAGE`. Both come back with ``source="guard"``.
 
 Decoding defaults to the run's ``decoding.json`` (the settings an eval's decoding search chose; pass
 ``decoding=`` to `load` to use another, e.g. an eval workdir), else to the run's own ``config.sampling``.
@@ -16,6 +18,12 @@ reproducible for a seed and the order of calls (``rng=`` gives a call its own ke
 
 Prompts use fixed shapes: one row for a single message, ``batch_size`` rows (padded) for more, and the run's
 prompt length, so each decoding setting compiles at most twice.
+
+Devices: a Policy decodes on one device (the default one), whatever the host has. A reply is one row (a few at
+most), so a data-parallel mesh has no rows to split, and sharding the params of these small models would add
+collectives to every decode step and lengthen the reply. To score many prompts on a mesh or several processes,
+use the eval mode (``evaluation/runner.py``, ``config.mesh``), which uses the same sampler and gives the same
+tokens for the same key.
 
 This is research software, not a therapist or a crisis service.
 """
@@ -79,37 +87,35 @@ class Verdict:
 
 
 class SafetyModels:
-    """The rewards room's MiniLM encoder, reward heads and crisis lexicon, loaded once: the crisis detector, the
-    harmful-reply check and the user-emotion head. Fixed batch shapes of 1 or ``batch_size`` rows."""
+    """The MiniLM encoder, the guard (`therapy_rl.guard.Guard`: crisis and harmful-reply checks, sharing the
+    encoder) and the user-emotion head, loaded once."""
 
     def __init__(self, batch_size: int = 8):
-        from therapy_rl.rewards import encoder as encoder_lib, heads as heads_lib, safety
+        from therapy_rl import guard as guard_lib
+        from therapy_rl.rewards import encoder as encoder_lib, heads as heads_lib
 
         self.batch_size = batch_size
         self.encoder = encoder_lib.load_sentence_encoder()
         self.heads = heads_lib.load_reward_heads()
-        self.lexicon = safety.build_safety_lexicon(self.encoder.tokenizer)
-        self._detectors = {rows: safety.CrisisDetector(self.encoder, self.heads, self.lexicon, batch_size=rows)
-                           for rows in {1, batch_size}}
-        self._harm = jax.jit(safety.encourages_harm)
+        self.guard = guard_lib.Guard(encoder=self.encoder)
+        self.lexicon = self.guard.lexicon
         self._emotion = jax.jit(heads_lib.emotion_probabilities)
 
     def _rows(self, n: int) -> int:
         return 1 if n == 1 else self.batch_size
 
-    def crisis(self, texts: Sequence[str]) -> list[Verdict]:
-        results = self._detectors[self._rows(len(texts))].detect(list(texts))
-        return [Verdict(r.flag, tuple(r.reasons)) for r in results]
+    def check(self, text: str, role: str, history: Sequence[tuple[str, str]] = ()):
+        """guard.check on one text; history: (client|therapist, text) turns, oldest first."""
+        return self.guard.check(text, role, [list(turn) for turn in history])
 
-    def harmful(self, texts: Sequence[str]) -> list[bool]:
-        rows = self._rows(len(texts))
-        detector = self._detectors[rows]
-        out: list[bool] = []
-        for start in range(0, len(texts), rows):
-            chunk = list(texts[start:start + rows])
-            ids, mask = detector.tokenize(chunk + [""] * (rows - len(chunk)))
-            out += [bool(h) for h in np.asarray(self._harm(self.lexicon, ids, mask))[:len(chunk)]]
-        return out
+    def crisis(self, texts: Sequence[str], histories: Sequence[Sequence[tuple[str, str]]] = ()) -> list[Verdict]:
+        histories = list(histories) or [()] * len(texts)
+        return [_verdict(self.check(t, "user", h)) for t, h in zip(texts, histories)]
+
+    def harmful(self, texts: Sequence[str], histories: Sequence[Sequence[tuple[str, str]]] = ()) -> list[bool]:
+        """Each reply checked with its history (the last client turn is the message it answers)."""
+        histories = list(histories) or [()] * len(texts)
+        return [self.check(t, "reply", h).harmful for t, h in zip(texts, histories)]
 
     def emotions(self, texts: Sequence[str]) -> list[str]:
         from therapy_rl.data import labels
@@ -121,17 +127,24 @@ class SafetyModels:
         return [labels.EMOTIONS[int(i)] for i in probs.argmax(axis=-1)]
 
 
+def _verdict(result) -> Verdict:
+    """A guard.GuardResult as a Verdict: the flag, then "crisis:<category>" / "reply:<category>" and the rule."""
+    flag = bool(result.crisis or result.harmful)
+    prefix = "crisis" if result.crisis else "reply"
+    reasons = tuple(f"{prefix}:{c}" for c in result.categories) + tuple(result.reasons) if flag else ()
+    return Verdict(flag, reasons)
+
+
 def check(safety: SafetyModels, texts: Sequence[str], role: str,
           histories: Sequence[Sequence[tuple[str, str]]]) -> list[Verdict]:
-    """The guard's verdict on each text: role "user" (a crisis?) or "reply" (does it encourage harm?).
-
-    The API asks the guard only here. `histories` (earlier turns per text) are unused by today's detector."""
-    del histories
+    """The guard's verdict on each text: role "user" (a crisis? `histories` are its earlier turns) or "reply"
+    (harmful? `histories` end with the client message it answers). The API asks the guard only here."""
+    if len(histories) != len(texts):
+        raise ValueError(f"guard: {len(texts)} texts but {len(histories)} histories")
     if role == "user":
-        return safety.crisis(texts)
+        return safety.crisis(texts, histories)
     if role == "reply":
-        return [Verdict(True, ("reply:harm_encouragement",)) if harmful else Verdict(False)
-                for harmful in safety.harmful(texts)]
+        return [_verdict(safety.check(t, "reply", h)) for t, h in zip(texts, histories)]
     raise ValueError(f"guard role {role!r}: expected user or reply")
 
 
@@ -183,7 +196,8 @@ class Policy:
         answered = [i for i, v in enumerate(verdicts) if not v.flag]  # crisis messages never reach the model
         model_replies = self._model_replies([messages[i] for i in answered], config, key)
         reply_verdicts = (check(self.safety, [r.text for r in model_replies], "reply",
-                                [histories[i] for i in answered]) if self.guard and answered
+                                [tuple(histories[i]) + (("client", texts[i]),) for i in answered])
+                          if self.guard and answered
                           else [Verdict(False)] * len(answered))
         out: list[Reply | None] = [None] * len(messages)
         for i, verdict in enumerate(verdicts):

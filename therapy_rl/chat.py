@@ -2,12 +2,13 @@
 
     python -m therapy_rl.chat --workdir runs/quickstart [--checkpoint best|last|STEP] [--problem "work stress"]
 
-Every user message goes through the crisis detector first (lexicon + trained head, the same jitted code the
-reward uses). A detected crisis gets a fixed message with crisis-line guidance instead of model output, and a
-model reply that encourages harm is never shown. Decoding defaults to the run's decoding.json (or ``--decoding``),
+Every user message goes through the guard first (`therapy_rl.guard.check` with the earlier turns, the same
+function as the API and `python -m therapy_rl.guard`; its jitted scores are the reward's safety signal). A
+detected crisis gets a fixed message with crisis-line guidance instead of model output, and a model reply the
+guard flags as harmful is never shown. Decoding defaults to the run's decoding.json (or ``--decoding``),
 else its config.sampling; the sampling flags override single fields. Reads stdin line by line when it is not a
 terminal, so it also works as ``echo "..." | python -m therapy_rl.chat --workdir W`` (``--json`` prints one JSON
-object a line).
+object a line). Decodes on one device (see `therapy_rl.api`: one reply at a time, latency first).
 
 This is research software, not a therapist or a crisis service.
 """

@@ -56,6 +56,7 @@ def numbers(rule: Rule) -> Rule:
 BOOL: Rule = (lambda v: isinstance(v, bool)), "True or False"
 FINITE: Rule = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), \
     "a finite number"
+TEXT: Rule = (lambda v: isinstance(v, str)), "a string"
 POSITIVE = integer(1)
 COUNT = integer(0)
 STEP_OR_LATEST = integer(-1)
@@ -73,12 +74,14 @@ SAMPLING_RULES = {
 }
 MESH_RULES = {axis: (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
                      "-1 (the remaining devices) or an integer >= 1") for axis in ("data", "fsdp", "tensor")}
+WANDB_RULES = {"wandb.enabled": BOOL, "wandb.mode": one_of("offline", "online", "disabled"), "wandb.project": TEXT,
+               "wandb.name": TEXT}
 OPTIMIZER_RULES = {
     "seed": COUNT, "global_batch_size": POSITIVE, "num_epochs": number(0),
     "learning_rate": number(0, low_open=True), "warmup_fraction": number(0, 1), "lr_schedule": one_of(*LR_SCHEDULES),
     "weight_decay": number(0), "grad_clip_norm": FINITE,
     "keep_checkpoints": POSITIVE, "early_stopping_patience_evals": COUNT, "eval_batch_size": POSITIVE,
-    "progress_bar": BOOL, "num_sample_replies": COUNT,
+    "progress_bar": BOOL, "num_sample_replies": COUNT, **WANDB_RULES,
 }
 SFT_RULES = {
     **OPTIMIZER_RULES, "grad_accum_steps": POSITIVE, "max_steps": COUNT, "log_every_steps": POSITIVE,
@@ -177,8 +180,7 @@ def validate(config, workdir: str, device_count: int | None = None, process_coun
     check.rules(MODE_RULES[mode])
     _check_data_values(check, mode)
     check.rules(SAMPLING_RULES, "sampling.")
-    if mode in ("sft", "ppo"):
-        check.rules(MESH_RULES, "mesh.")
+    check.rules(MESH_RULES, "mesh.")
     if not check.problems:  # fields that depend on each other, once each is valid alone
         if mode in ("sft", "ppo"):
             _check_batches(check, mode, device_count, process_count)
@@ -187,6 +189,8 @@ def validate(config, workdir: str, device_count: int | None = None, process_coun
                 check.add("num_epochs", f"and --config.{steps}=0 leave nothing to train; set one of them above 0")
         else:
             _check_eval_values(check)
+            if check.has("mesh"):
+                _check_batches(check, mode, device_count, process_count)
     if check.problems:
         raise errors.ConfigError("; ".join(check.problems))
 
@@ -209,16 +213,20 @@ def validate(config, workdir: str, device_count: int | None = None, process_coun
 
 
 def _check_data_values(check: _Checker, mode: str) -> None:
-    sources = SOURCES if mode == "sft" else ("",) + SOURCES  # "" = the run's source
-    check.rule("data.source", one_of(*sources))
-    check.rules(DATA_RULES, "data.")
+    if mode == "sft":
+        check.rule("data.source", one_of(*SOURCES))
+        check.rules(DATA_RULES, "data.")
+    else:  # None (not set) and a source "" take the run's value
+        check.rule("data.source", one_of(None, "", *SOURCES))
+        check.rules({k: rule for k, rule in DATA_RULES.items() if check.get(f"data.{k}") is not None}, "data.")
     if mode != "sft" and check.get("data.allow_empty_validation"):
         check.add("data.allow_empty_validation", "only SFT can run without validation (PPO and evaluation need "
                   "the split); leave it False")
     from therapy_rl.data import labels
 
     emotions = one_of(*labels.EMOTIONS)
-    check.rule("data.esconv_supporter_emotion", emotions)
+    if mode == "sft" or check.get("data.esconv_supporter_emotion") is not None:
+        check.rule("data.esconv_supporter_emotion", emotions)
     for key in (check.get("data.esconv_emotion_map") or {}):
         check.rule(f"data.esconv_emotion_map.{key}", emotions)
 
@@ -241,7 +249,7 @@ def _check_batches(check: _Checker, mode: str, device_count: int | None, process
                               f"--config.mesh.tensor={mesh.tensor}: {err}; their product must be the device count "
                               f"{devices} (one axis may be -1 for the rest)")
         return
-    batch = config.global_batch_size
+    batch = config.get("global_batch_size")  # none in eval
     if mode == "sft" and batch % config.grad_accum_steps:
         check.add("grad_accum_steps", f"must divide --config.global_batch_size={batch}")
     if mode == "ppo":
@@ -251,7 +259,7 @@ def _check_batches(check: _Checker, mode: str, device_count: int | None, process
         elif minibatch % config.ppo.grad_accum_steps:
             check.add("ppo.grad_accum_steps", f"must divide --config.ppo.minibatch_size={minibatch}")
     shards = data * fsdp
-    for field in ("global_batch_size", "eval_batch_size"):
+    for field in ("eval_batch_size",) if mode == "eval" else ("global_batch_size", "eval_batch_size"):
         size = config[field]
         if size % processes or size % shards:
             check.add(field, f"must be a multiple of the {processes} process(es) and of the mesh's batch shards "
@@ -296,9 +304,9 @@ def _check_sft_files(config, workdir: str) -> int:
 
     n_positions = config.model.n_positions
     if config.model.hf_checkpoint:
-        from therapy_rl.models import hf_io
+        from therapy_rl.models import families
 
-        hf_config = hf_io.check_hf_dir(config.model.hf_checkpoint, where="--config.model.hf_checkpoint")
+        hf_config = families.check_hf_dir(config.model.hf_checkpoint, where="--config.model.hf_checkpoint")
         n_positions = hf_config.n_positions
     saved = os.path.join(workdir, "tokenizer")
     source = config.tokenizer.path or config.model.hf_checkpoint
@@ -337,7 +345,9 @@ def _check_run(config, mode: str):
             run_workdir = run_lib.open_run(path, run_lib.checkpoint_choice(which, step), where=f"--{where}").workdir
         info = run_files.read_run_info(run_workdir)
         data_cfg = run_files.inherit_data_options(config.data, info["data"], where="--config.data")
-        n_positions = int(info["model_config"]["n_positions"])
+        from therapy_rl.models import families
+
+        n_positions = int(families.config_from_dict(info["model_config"]).n_positions)
     except FileNotFoundError as err:  # MissingFileError included
         fix = ("pick one of those steps, or -1 for the latest" if "no such step" in str(err) else
                "pass a run workdir (it holds run_info.json, best/ or checkpoints/) or one of its checkpoint folders")

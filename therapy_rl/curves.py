@@ -6,7 +6,8 @@ Panels (each drawn only when the run logged something for it):
   lengths            response lengths in tokens and characters
   KL                 objective/kl, eval/kl, approximate KLs (the KL coefficient has its own panel)
   KL coefficient     objective/kl_coef
-  losses             train/loss, val/loss, loss/policy, loss/value, ...
+  losses             train/loss, val/loss (SFT validation), loss/policy, loss/value, ...
+  values             PPO's value predictions and returns: value/mean, value/vpred_avg, returns/mean, ...
   rates              clip fractions, EOS and emotion-tag rates, token accuracy
 Time, throughput and learning-rate series are left to TensorBoard.
 """
@@ -43,6 +44,12 @@ def _is_loss(key: str) -> bool:
     return key.startswith("loss/") or key.endswith("/loss") or key.endswith("best_loss")
 
 
+def _is_value(key: str) -> bool:
+    """Value predictions and returns (one scale); their variances and errors are left to TensorBoard."""
+    head, _, last = key.partition("/")
+    return head in ("value", "returns") and last.split("_")[0] in ("mean", "vpred")
+
+
 def _is_rate(key: str) -> bool:
     last = key.split("/")[-1]
     return last.endswith("_rate") or "clipfrac" in last or last == "token_accuracy"
@@ -55,6 +62,7 @@ PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("KL", _is_kl),
     ("KL coefficient", _is_kl_coef),
     ("losses", _is_loss),
+    ("values", _is_value),
     ("rates", _is_rate),
 )
 

@@ -5,6 +5,16 @@ Every field has a short comment; units are in the names. Override any of them on
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+
+def unset(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``section`` with every value a typed placeholder: None = not set here (a later stage takes the run's
+    value); a sub-section (a map) stays, empty = not set."""
+    out = ml_collections.ConfigDict()
+    for key, value in section.items():
+        out[key] = value if isinstance(value, ml_collections.ConfigDict) else config_dict.placeholder(type(value))
+    return out
 
 
 def data_defaults() -> ml_collections.ConfigDict:
@@ -24,8 +34,8 @@ def data_defaults() -> ml_collections.ConfigDict:
     d.user_emotion_from = "last"  # first | last client utterance of the run
     d.therapist_run = "first"  # first utterance of a therapist run (the paper) | merge the run
     d.problem_type = "unknown"  # problem-type policy for MESC (see data/SCHEMA.md)
-    d.max_train_samples = 0  # 0 = all; else a deterministic prefix of the shuffled samples (smoke runs)
-    d.max_eval_samples = 0  # 0 = all validation samples
+    d.max_train_samples = 0  # 0 = all; else the first N training samples (smoke runs)
+    d.max_eval_samples = 0  # 0 = all; else the first N samples of each of the val AND test splits
     d.max_prompt_tokens = 96  # fixed prompt length for generation (left-padded)
     d.esconv_emotion_map = ml_collections.ConfigDict()  # ESConv emotion -> MESC label; empty = the documented default
     d.esconv_supporter_emotion = "neutral"  # ESConv has no supporter emotion: this label is used for every reply
@@ -35,14 +45,39 @@ def data_defaults() -> ml_collections.ConfigDict:
 def model_defaults() -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.hf_checkpoint = ""  # local HF GPT-2 directory (config.json + model.safetensors); "" = train from scratch
-    m.n_layer = 12  # GPT-2 small shape unless an HF checkpoint sets it
-    m.n_head = 12
-    m.n_embd = 768
-    m.n_positions = 1024
-    m.dropout_rate = 0.1
+    m.n_layer = 12  # transformer blocks (GPT-2 small; an HF checkpoint's shape wins over n_*)
+    m.n_head = 12  # attention heads per block (must divide n_embd)
+    m.n_embd = 768  # hidden width
+    m.n_positions = 1024  # longest sequence (prompt + reply) the position table covers
+    m.dropout_rate = 0.1  # embedding, residual and attention dropout in training
     m.dtype = "float32"  # compute dtype: float32 | bfloat16
     m.remat = False  # rematerialise blocks to save memory
+    m.family = ""  # gpt2 | mistral | llama | qwen2 | mixtral; "" = the hf_checkpoint's model_type, else gpt2
+    m.decoder = decoder_defaults()  # shape of a fresh mistral/llama/qwen2/mixtral (an HF checkpoint's wins)
+    m.router_aux_loss_coef = -1.0  # MoE load-balancing loss weight; < 0 = the checkpoint's (fresh: 0.02)
+    m.lora = lora_defaults()
     return m
+
+
+def decoder_defaults() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    d.n_kv_head = 0  # key/value heads (grouped-query attention); 0 = n_head
+    d.intermediate_size = 0  # SwiGLU width; 0 = 4 * n_embd
+    d.sliding_window = 0  # attention window in tokens (mistral); 0 = full causal attention
+    d.rope_theta = 10000.0  # RoPE base
+    d.num_experts = 8  # experts per MoE layer (mixtral only)
+    d.experts_per_token = 2  # top-k routing (mixtral only)
+    d.tie_word_embeddings = False  # LM head shares the token embedding
+    return d
+
+
+def lora_defaults() -> ml_collections.ConfigDict:
+    lo = ml_collections.ConfigDict()
+    lo.rank = 0  # LoRA rank; 0 = full fine-tuning (mistral-type families only)
+    lo.alpha = 16.0  # adapter scale = alpha / rank
+    lo.dropout_rate = 0.0  # dropout on the adapter's input in training
+    lo.target_regex = r"self_attn/(q_proj|k_proj|v_proj|o_proj)$"  # layers adapted, searched in the param path
+    return lo
 
 
 def tokenizer_defaults() -> ml_collections.ConfigDict:
@@ -55,25 +90,34 @@ def tokenizer_defaults() -> ml_collections.ConfigDict:
 def mesh_defaults() -> ml_collections.ConfigDict:
     mesh = ml_collections.ConfigDict()
     mesh.data = -1  # -1 = all remaining devices
-    mesh.fsdp = 1
-    mesh.tensor = 1
+    mesh.fsdp = 1  # devices the parameters and optimizer state are sharded over (FSDP)
+    mesh.tensor = 1  # devices each layer's matrices are split over (tensor parallel)
     return mesh
 
 
 def sampling_defaults() -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict()
-    s.max_new_tokens = 64
-    s.temperature = 1.0
+    s.max_new_tokens = 64  # longest reply, in tokens
+    s.temperature = 1.0  # logits divided by it before sampling
     s.top_k = 0  # 0 = off
     s.top_p = 1.0  # 1.0 = off
-    s.greedy = False
+    s.greedy = False  # True = argmax (temperature, top_k and top_p ignored)
     return s
+
+
+def wandb_defaults() -> ml_collections.ConfigDict:
+    w = ml_collections.ConfigDict()
+    w.enabled = False  # True = also log to Weights & Biases (pip install -e ".[viz]")
+    w.mode = "offline"  # offline (files under <workdir>/wandb, sync later) | online | disabled
+    w.project = "therapy_rl"  # W&B project
+    w.name = ""  # W&B run name; "" = W&B picks one
+    return w
 
 
 def sft_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "sft"
-    c.seed = 42
+    c.mode = "sft"  # the stage: sft | ppo | eval
+    c.seed = 42  # PRNG root: data order, initialisation, dropout, sampling
     c.data = data_defaults()
     c.model = model_defaults()
     c.tokenizer = tokenizer_defaults()
@@ -81,25 +125,26 @@ def sft_defaults() -> ml_collections.ConfigDict:
 
     c.global_batch_size = 32  # sequences per optimizer step, over all hosts
     c.grad_accum_steps = 1  # micro-batches per step (global_batch_size must divide evenly)
-    c.num_epochs = 20.0
+    c.num_epochs = 20.0  # passes over the training samples (fractions allowed)
     c.max_steps = 0  # 0 = num_epochs worth of steps
-    c.learning_rate = 2e-5
-    c.warmup_fraction = 0.1
+    c.learning_rate = 2e-5  # peak AdamW learning rate
+    c.warmup_fraction = 0.1  # of all steps, linear warm-up from 0
     c.lr_schedule = "linear"  # linear | cosine | constant
-    c.weight_decay = 0.0
-    c.grad_clip_norm = 1.0
+    c.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.grad_clip_norm = 1.0  # global gradient-norm clip; <= 0 = off
 
-    c.log_every_steps = 10
+    c.log_every_steps = 10  # train metrics to metrics.jsonl / TensorBoard
     c.eval_every_steps = 200  # validation loss; also decides the best checkpoint
-    c.checkpoint_every_steps = 200
+    c.checkpoint_every_steps = 200  # a resumable checkpoint in checkpoints/
     c.keep_checkpoints = 2  # last-N checkpoints kept for resuming (the best one is kept separately)
     c.early_stopping_patience_evals = 0  # 0 = off; else stop after this many evals without improvement
-    c.eval_batch_size = 64
-    c.progress_bar = True
+    c.eval_batch_size = 64  # sequences per validation-loss batch, over all hosts
+    c.progress_bar = True  # tqdm bar over steps
 
     c.num_sample_replies = 4  # replies printed for validation prompts at the end
-    c.sampling = sampling_defaults()
-    c.export_hf = False  # also write the final params as an HF GPT-2 directory (hf_export/)
+    c.sampling = sampling_defaults()  # decoding of the sample replies
+    c.wandb = wandb_defaults()  # optional Weights & Biases logging (TensorBoard and metrics.jsonl are always on)
+    c.export_hf = False  # at the end, export the best checkpoint (else the last) to hf_export/, as therapy_rl.export
     return c
 
 
@@ -132,25 +177,24 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     lr 1e-6, clip 0.2, value-loss weight 0.1, adaptive KL 0.2 (target 6, horizon 10000), gamma 1, lambda 0.95,
     sampled generation of at most 128 new tokens."""
     c = ml_collections.ConfigDict()
-    c.mode = "ppo"
-    c.seed = 42
+    c.mode = "ppo"  # the stage: sft | ppo | eval
+    c.seed = 42  # PRNG root: prompt order, value-head init, rollouts, dropout
     c.init_from = ""  # the SFT workdir (or one of its best/ / checkpoints/ folders); required
     c.init_checkpoint = "best"  # best | last: which of the SFT run's checkpoints starts the policy and reference
     c.init_step = -1  # step in that folder; -1 = its latest
-    c.data = data_defaults()  # fields left at their defaults take the SFT run's value (run_info.json)
-    c.data.source = ""  # "" = the SFT run's data source
+    c.data = unset(data_defaults())  # None (not set) = the SFT run's value (its run_info.json)
     c.mesh = mesh_defaults()
 
     c.global_batch_size = 16  # prompts per PPO iteration (rollout batch), over all hosts
     c.num_epochs = 4.0  # passes over the training prompts
     c.max_iterations = 0  # 0 = num_epochs worth of iterations
-    c.learning_rate = 1e-6
+    c.learning_rate = 1e-6  # peak AdamW learning rate
     c.warmup_fraction = 0.0  # of all optimizer updates (iterations x PPO epochs x mini-batches)
     c.lr_schedule = "constant"  # linear | cosine | constant, after the warm-up
-    c.weight_decay = 0.0
-    c.adam_b1 = 0.9
-    c.adam_b2 = 0.999
-    c.adam_eps = 1e-8
+    c.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.adam_b1 = 0.9  # Adam first-moment decay
+    c.adam_b2 = 0.999  # Adam second-moment decay
+    c.adam_eps = 1e-8  # Adam denominator epsilon
     c.grad_clip_norm = 0.0  # <= 0 = off (TRL 0.11 has none)
 
     p = ml_collections.ConfigDict()
@@ -160,19 +204,19 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.clip_eps = 0.2  # policy ratio clip
     p.value_clip_eps = 0.2  # value clip around the rollout values; <= 0 = off
     p.vf_coef = 0.1  # value-loss weight
-    p.entropy_coef = 0.0
+    p.entropy_coef = 0.0  # entropy bonus weight (TRL 0.11 has none)
     p.loss_aggregation = "token_mean"  # token_mean | sequence_mean
     p.adaptive_kl = True  # False = fixed coefficient
-    p.init_kl_coef = 0.2
+    p.init_kl_coef = 0.2  # starting KL penalty coefficient (beta)
     p.kl_target = 6.0  # nats per response (adaptive controller)
     p.kl_horizon = 10000.0  # samples (adaptive controller)
     p.kl_estimator = "k1"  # k1 | k2 | k3 | abs: per-token KL in the penalty
-    p.gamma = 1.0
-    p.lam = 0.95
+    p.gamma = 1.0  # discount
+    p.lam = 0.95  # GAE lambda
     p.score_clip = 10.0  # raw reward clipped to [-c, c] (safety penalty exempt) before whitening; <= 0 = off
     p.whiten_scores = True  # whiten rewards over the batch (the paper)
-    p.whiten_advantages = True
-    p.whiten_token_rewards = False
+    p.whiten_advantages = True  # whiten advantages over the batch's tokens (TRL)
+    p.whiten_token_rewards = False  # also whiten the per-token rewards (TRL's option, off in the paper)
     p.missing_eos_penalty = 0.0  # subtracted from the score of responses that never emit EOS; 0 = off
     p.ratio_threshold = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL 0.11); <= 0 = off
     p.separate_critic = False  # True = a second GPT-2 trunk (from the same SFT params) under the value head
@@ -184,20 +228,20 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     r = ml_collections.ConfigDict()
     r.kind = "therapy"  # therapy (rewards/combine.py) | emotion_tag | target_token | human | learned_human
     t = ml_collections.ConfigDict()  # rewards.combine.RewardConfig fields (unset ones keep its defaults)
-    t.quality_weight = 1.1
-    t.emotion_weight = 1.2
-    t.relevance_weight = 1.1
-    t.sentiment_weight = 0.7
-    t.empathy_weight = 0.7
-    t.penalty_weight = 1.0
-    t.use_quality = True
-    t.use_emotion = True
-    t.use_relevance = True
-    t.use_sentiment = True
-    t.use_empathy = True
-    t.use_penalty = True
-    t.use_safety = True
-    t.safety_after_clip = True
+    t.quality_weight = 1.1  # weight of quality (repetition, over-used words, length; rewards/components.py)
+    t.emotion_weight = 1.2  # weight of the emotion tag's validity and match with the annotated emotion
+    t.relevance_weight = 1.1  # weight of the reply's relevance to the user's message
+    t.sentiment_weight = 0.7  # weight of the reply's sentiment
+    t.empathy_weight = 0.7  # weight of the reply's empathy
+    t.penalty_weight = 1.0  # weight of the penalty for a joy tag after a negative user emotion
+    t.use_quality = True  # False = leave the quality component out
+    t.use_emotion = True  # False = leave the emotion component out
+    t.use_relevance = True  # False = leave the relevance component out
+    t.use_sentiment = True  # False = leave the sentiment component out
+    t.use_empathy = True  # False = leave the empathy component out
+    t.use_penalty = True  # False = leave the joy-after-negative penalty out
+    t.use_safety = True  # False = no safety penalty (crisis without resources, encouraged harm)
+    t.safety_after_clip = True  # True = the safety penalty is added after the score clip (it is never clipped)
     t.whiten = False  # the PPO step clips and whitens (ppo.score_clip, ppo.whiten_scores)
     r.therapy = t
     e = ml_collections.ConfigDict()  # emotion_tag: a simple reward read from the response's token ids
@@ -209,41 +253,42 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     k = ml_collections.ConfigDict()  # target_token: the toy task, share of one token in the response
     k.token = "the"  # a token string of the policy tokenizer
     k.token_id = -1  # >= 0 overrides `token`
-    k.scale = 1.0
+    k.scale = 1.0  # reward = scale x the token's share of the response
     r.target_token = k
     r.human = human_reward_defaults()  # reward.kind = human (therapy_rl/rate)
     r.learned_human = learned_human_reward_defaults()  # reward.kind = learned_human (therapy_rl/rate)
     c.reward = r
 
-    c.sampling = sampling_defaults()
+    c.sampling = sampling_defaults()  # rollout decoding
     c.sampling.max_new_tokens = 128  # the paper; temperature 1, no top-k/top-p: PPO needs the raw policy
 
-    c.log_every_iterations = 1
+    c.log_every_iterations = 1  # iteration metrics to metrics.jsonl / TensorBoard
     c.eval_every_iterations = 50  # validation reward; also decides the best checkpoint
-    c.checkpoint_every_iterations = 50
-    c.keep_checkpoints = 2
+    c.checkpoint_every_iterations = 50  # a resumable checkpoint in checkpoints/
+    c.keep_checkpoints = 2  # last-N checkpoints kept for resuming (the best one is kept separately)
     c.early_stopping_patience_evals = 0  # 0 = off; else stop after this many evals without a better eval/scores
     c.eval_at_start = True  # validate the SFT policy first (the baseline the best checkpoint must beat)
     c.num_eval_prompts = 256  # first N validation prompts (fixed); 0 = all
-    c.eval_batch_size = 64
-    c.progress_bar = True
+    c.eval_batch_size = 64  # prompts per validation generation batch, over all hosts
+    c.progress_bar = True  # tqdm bar over iterations
     c.num_sample_replies = 4  # replies printed for validation prompts at the end
+    c.wandb = wandb_defaults()  # optional Weights & Biases logging (TensorBoard and metrics.jsonl are always on)
     return c
 
 
 def eval_defaults() -> ml_collections.ConfigDict:
     """Evaluation of an SFT or PPO run (``therapy_rl.evaluation.runner``): generate for a split, score, report."""
     c = ml_collections.ConfigDict()
-    c.mode = "eval"
+    c.mode = "eval"  # the stage: sft | ppo | eval
     c.seed = 42  # PRNG root of the decoding search and of the evaluation's sampling
     c.name = ""  # this model's label in the report; "" = the checkpoint run's folder name
     c.checkpoint = ""  # a run workdir (SFT or PPO) or one of its checkpoint folders (best/, checkpoints/); required
     c.checkpoint_which = "best"  # best | last: which folder of a run workdir
     c.checkpoint_step = -1  # step in that folder; -1 = its latest
     c.split = "test"  # val | test: the split scored
-    c.data = data_defaults()  # fields left at their defaults take the run's value (run_info.json)
-    c.data.source = ""  # "" = the run's source; e.g. esconv for the cross-domain evaluation
-    c.eval_batch_size = 64  # prompts per generation batch (fixed shape: the last batch is padded)
+    c.data = unset(data_defaults())  # None (not set) = the run's value (its run_info.json); e.g. source=esconv
+    c.eval_batch_size = 64  # prompts per generation batch (fixed shape: the last batch is padded), over all hosts
+    c.mesh = mesh_defaults()  # params sharded as in training, prompt batches on data x fsdp
     c.sampling = sampling_defaults()
     c.sampling.max_new_tokens = 128  # the paper; top_p/top_k/temperature are replaced by a saved decoding.json
     c.use_saved_decoding = True  # use decoding.json of the eval workdir, else of the checkpoint's run workdir
@@ -263,10 +308,10 @@ def eval_defaults() -> ml_collections.ConfigDict:
 
     m = ml_collections.ConfigDict()
     m.bertscore = True  # BERTScore-style P/R/F1 from MiniLM token states (slow on CPU: ~0.3 s per sample)
-    m.bertscore_batch_size = 64
+    m.bertscore_batch_size = 64  # replies per MiniLM forward pass
     m.meteor_variant = "auto"  # auto | nltk-full | exact+stem (auto: full when NLTK finds WordNet)
     m.bootstrap_resamples = 1000  # for the 95% confidence intervals
-    m.confidence = 0.95
+    m.confidence = 0.95  # level of the bootstrap confidence intervals
     c.metrics = m
 
     e = ml_collections.ConfigDict()  # emotion of replies from a classifier, for models that emit no tag
@@ -275,15 +320,15 @@ def eval_defaults() -> ml_collections.ConfigDict:
     c.emotion = e
 
     j = ml_collections.ConfigDict()  # LLM-as-judge over an OpenAI-compatible chat endpoint
-    j.enabled = False
+    j.enabled = False  # True = score replies with the judge (needs base_url, model and the key)
     j.base_url = ""  # e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1
     j.model = ""  # e.g. gpt-4o-mini (the paper's)
     j.api_key_env = "OPENAI_API_KEY"  # name of the environment variable with the key; "" = no auth header
     j.mode = "per_criterion"  # per_criterion (the paper: one call per criterion) | all_criteria
     j.limit = 100  # first N evaluated samples judged (the paper: 100); 0 = all
-    j.temperature = 0.1
-    j.timeout_s = 60.0
-    j.max_retries = 4
+    j.temperature = 0.1  # the judge's sampling temperature
+    j.timeout_s = 60.0  # per request
+    j.max_retries = 4  # retries after a request's first failed attempt (with back-off)
     j.cache_path = ""  # JSONL cache of judgments; "" = <workdir>/judge_cache.jsonl
     c.judge = j
 

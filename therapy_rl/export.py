@@ -5,7 +5,9 @@
 
 Writes into ``--out`` (built beside it, then renamed, so a failed export leaves nothing half-written):
 
-- ``model.safetensors`` + ``config.json``: a transformers ``GPT2LMHeadModel`` with the run's bos/eos/pad ids;
+- ``model.safetensors`` + ``config.json``: a transformers ``GPT2LMHeadModel`` (or ``MistralForCausalLM``,
+  ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MixtralForCausalLM``) with the run's bos/eos/pad ids; a LoRA
+  run's adapters are merged in, and ``peft_adapter/`` holds them alone in PEFT's format;
 - ``generation_config.json``: stops at ``<eos>`` and pads with ``<pad>``; the run's decoding defaults (as
   `therapy_rl.load` uses them: a decoding search's choice, else the run's config.sampling);
 - the tokenizer files (with every marker and emotion token) and ``therapy_tokenizer.json``;
@@ -33,7 +35,7 @@ CARD_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "meteor", "token_f1", "ber
 def export_run(workdir: str, out_dir: str, checkpoint: str | int = "best", *, eval_dirs: Sequence[str] = (),
                decoding: Any = None, overwrite: bool = False) -> str:
     """Exports ``checkpoint`` of the run in ``workdir`` to ``out_dir`` (see the module docstring); returns it."""
-    from therapy_rl.models import hf_io
+    from therapy_rl.models import families
 
     run = run_lib.open_run(workdir, checkpoint)
     out_dir = os.path.abspath(out_dir)
@@ -48,8 +50,12 @@ def export_run(workdir: str, out_dir: str, checkpoint: str | int = "best", *, ev
     building = out_dir + ".partial"
     shutil.rmtree(building, ignore_errors=True)
     os.makedirs(building)
-    hf_io.save_hf_gpt2(run.model_config, run.read_params(), building, bos_token_id=tok.bos_id,
-                       eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    params = run.read_params()
+    ids = dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    families.save_hf(run.model_config, params, building, **ids)  # LoRA adapters merged in
+    if families.lora_config(run.model_config) is not None:  # and the adapter alone, in PEFT's format
+        base = (run.config.get("model") or {}).get("hf_checkpoint") or ""
+        families.save_peft_adapter(run.model_config, params, os.path.join(building, "peft_adapter"), base)
     write_generation_config(building, tok, settings)
     tok.save(building)
     with open(os.path.join(building, "README.md"), "w", encoding="utf-8") as f:

@@ -3,25 +3,27 @@
     check(text, role="user"|"reply", history=()) -> GuardResult(crisis, harmful, categories, score)
     python -m therapy_rl.guard < requests.jsonl        # {"text", "role", "history"} -> one JSON verdict a line
 
+The model (guard v2): the project's MiniLM (all-MiniLM-L6-v2 from the pip package) with its top TUNED_LAYERS
+transformer layers fine-tuned through low-rank adapters (LoRA, rank LORA_RANK, on every dense kernel of those
+layers, plus LayerNorm offsets), and one small head per role over [CLS, mean, max] of the last layer's token states.
+Only the adapters and heads are stored (`rewards/weights/guard.npz`, ~2 MB); the base weights come from the package.
+
 How a text is read (every token, any length):
-- The MiniLM token ids are cut into overlapping windows at two scales: 32 content tokens with stride 16 (a short
-  sentence anywhere in a long message lies whole inside one window) and 126 with stride 63 (the message read as a
-  whole). Each window gets its own [CLS] ... [SEP] and its own positions, so nothing is truncated.
-- Each window's mean-pooled MiniLM embedding goes through a small learned head; the text's score is the maximum
-  over windows. Categories come from the windows that flag.
-- User messages: earlier user turns are put in front of the message (their last CONTEXT_TOKENS tokens), and only
-  windows that reach into the current message count. So "I have the pills here" after "I don't want to be here
-  anymore" is read as one text.
-- Replies: the head sees the reply window and the embedding of the user message it answers (zeros if none).
-- The curated lexicon (`rewards/lexicon/crisis_lexicon.json`) is a second signal: a strong crisis phrase, or a
-  harm-encouragement phrase in a reply, flags when the head probability reaches `*_lexicon_support`; a lexicon
-  idiom ("killing me") raises the head-alone threshold to `crisis_idiom` (rule: `decide`).
+- The MiniLM token ids are cut into overlapping windows of WINDOW_SIZE content tokens with stride WINDOW_STRIDE (any
+  span of up to WINDOW_STRIDE tokens lies whole inside one window). Each window gets its own [CLS] ... [SEP] and
+  positions, so nothing is truncated. The text's score is the maximum over windows.
+- User messages: the earlier user turns (their last CONTEXT_TOKENS tokens, turns separated by [SEP]) are put in
+  front of the message, and only windows that reach into the current message count. So "I have the pills here"
+  after "I don't want to be here anymore" is read as one text.
+- Replies: the user message being answered (its last CONTEXT_TOKENS tokens) is put in front of the reply the same
+  way; without one the reply is read alone (as in the reward).
+- The curated lexicon (`rewards/lexicon/crisis_lexicon.json`) is a second signal (rule: `decide`, thresholds in the
+  weights file, chosen on development data).
 
-Held-out quality (REWARDS.md, "Guard"): crisis recall 0.43 at 4% false alarms, reply recall 0.60 at 2%; far from
-the 0.95 target, so this guard misses many crisis messages.
+Quality: REWARDS.md, "Guard" (held-out numbers with intervals, every miss).
 
-Jittable entry points for the reward (shapes in the docstrings): `crisis_scores`, `reply_harm_scores`,
-`reply_harm_from_embedding`. Weights: `rewards/weights/guard.npz`, built by `tools/train_guard.py` (REWARDS.md).
+Jittable entry points for the reward: `crisis_scores`, `reply_harm_scores` (shapes in the docstrings).
+Weights are built by `tools/train_guard.py` (REWARDS.md).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import sys
 import threading
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,14 +47,20 @@ CRISIS_CATEGORIES = ("suicidal_ideation", "plan_or_means", "act_in_progress", "h
 REPLY_CATEGORIES = ("encourages_self_harm", "encourages_harm_to_others", "means_or_method", "medication_change",
                     "shaming", "secrecy")
 EMBED_DIM = 384
-# (content tokens per window, stride): a sentence-sized view and a whole-message view.
-WINDOW_SCALES = ((32, 16), (126, 63))
-CONTEXT_TOKENS = 96  # how much of the earlier user turns is put in front of a user message
+WINDOW_SIZE, WINDOW_STRIDE = 96, 48
+WINDOW_SCALES = ((WINDOW_SIZE, WINDOW_STRIDE),)  # one scale (content tokens per window, stride)
+CONTEXT_TOKENS = 48  # how much of the earlier turns is put in front of a message
 CONTEXT_TURNS = 3  # at most this many earlier user turns
+TUNED_LAYERS = 2  # the top encoder layers that carry adapters
+LORA_RANK = 16
+LORA_SCALE = 2.0
+LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+NORMS = ("attention_norm", "output_norm")
+FEATURE_DIM = 3 * EMBED_DIM  # [CLS, mean, max] of the last layer
 # Padded row lengths (one compile each); fine steps keep long messages from computing many empty windows.
-LENGTH_BUCKETS = (32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048)
+LENGTH_BUCKETS = (32, 48, 64, 98, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048)
 WEIGHTS_FILE = "guard.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # crisis: head alone; crisis_idiom: head alone when the message holds a lexicon idiom ("killing me", "shoot me a
 # text") and no strong phrase; *_lexicon_support: head probability that confirms a lexicon phrase.
 # crisis_weak_support: head probability that confirms a weak lexicon phrase (means and distress words).
@@ -75,48 +84,86 @@ def default_weights_path() -> str:
 
 @struct.dataclass
 class GuardParams:
-    """Two MLP heads and the decision thresholds (all arrays; a pytree).
+    """Adapters, two heads and the decision thresholds (all arrays; a pytree).
 
-    crisis: w_hidden [384, H], b_hidden [H], w_out [H, 1 + 6], b_out [7]: logit 0 = crisis, then CRISIS_CATEGORIES.
-    reply:  w_hidden [768, H], ...: input = [reply window embedding, user embedding]; logit 0 = harmful, then
-            REPLY_CATEGORIES.
+    adapter: {"layer_<i>": {target: {"a": [in, r], "b": [r, out]}, norm: {"scale": [384], "bias": [384]}}} for the
+             top TUNED_LAYERS layers: kernel += a @ b * LORA_SCALE; LayerNorm scale/bias += the offsets.
+    crisis:  w_hidden [1152, H], b_hidden [H], w_out [H, 1 + 6], b_out [7]: logit 0 = crisis, then CRISIS_CATEGORIES.
+    reply:   the same shapes; logit 0 = harmful, then REPLY_CATEGORIES.
     thresholds: THRESHOLD_KEYS -> scalar probabilities.
     """
 
+    adapter: Mapping[str, Any]
     crisis: Mapping[str, jax.Array]
     reply: Mapping[str, jax.Array]
     thresholds: Mapping[str, jax.Array]
 
 
-def init_guard_params(rng: jax.Array, hidden_dim: int = 128) -> GuardParams:
-    """Random heads (tests, and the trainer's start)."""
-    def mlp(key, in_dim, out_dim):
-        k1, k2 = jax.random.split(key)
-        return {"w_hidden": jax.random.normal(k1, (in_dim, hidden_dim), jnp.float32) * np.sqrt(2.0 / in_dim),
-                "b_hidden": jnp.zeros((hidden_dim,), jnp.float32),
-                "w_out": jax.random.normal(k2, (hidden_dim, 1 + len(CRISIS_CATEGORIES)), jnp.float32) * 0.01,
-                "b_out": jnp.zeros((1 + len(CRISIS_CATEGORIES),), jnp.float32)}
+def tuned_layer_names(num_layers: int) -> tuple[str, ...]:
+    return tuple(f"layer_{i}" for i in range(max(num_layers - TUNED_LAYERS, 0), num_layers))
 
-    k_user, k_reply = jax.random.split(rng)
+
+def _target_shapes(config: encoder_lib.BertConfig) -> dict[str, tuple[int, int]]:
+    h, f = config.hidden_size, config.intermediate_size
+    return {"query": (h, h), "key": (h, h), "value": (h, h), "attention_output": (h, h), "intermediate": (h, f),
+            "output": (f, h)}
+
+
+def init_guard_params(rng: jax.Array, encoder_config: encoder_lib.BertConfig | None = None,
+                      hidden_dim: int = 128) -> GuardParams:
+    """Zero adapters (the base encoder) and random heads (tests, and the trainer's start)."""
+    config = encoder_config or encoder_lib.BertConfig()
+    k_adapter, k_user, k_reply = jax.random.split(rng, 3)
+    adapter = {}
+    for li, name in enumerate(tuned_layer_names(config.num_hidden_layers)):
+        layer = {}
+        for ti, (target, (fan_in, fan_out)) in enumerate(_target_shapes(config).items()):
+            key = jax.random.fold_in(k_adapter, 100 * li + ti)
+            layer[target] = {"a": jax.random.normal(key, (fan_in, LORA_RANK), jnp.float32) / np.sqrt(fan_in),
+                             "b": jnp.zeros((LORA_RANK, fan_out), jnp.float32)}
+        for norm in NORMS:
+            layer[norm] = {"scale": jnp.zeros((config.hidden_size,), jnp.float32),
+                           "bias": jnp.zeros((config.hidden_size,), jnp.float32)}
+        adapter[name] = layer
+
+    def mlp(key, n_out):
+        k1, k2 = jax.random.split(key)
+        return {"w_hidden": jax.random.normal(k1, (FEATURE_DIM, hidden_dim), jnp.float32) * np.sqrt(2.0 / FEATURE_DIM),
+                "b_hidden": jnp.zeros((hidden_dim,), jnp.float32),
+                "w_out": jax.random.normal(k2, (hidden_dim, n_out), jnp.float32) * 0.01,
+                "b_out": jnp.zeros((n_out,), jnp.float32)}
+
     thresholds = {k: jnp.asarray(0.5, jnp.float32) for k in THRESHOLD_KEYS}
-    thresholds["crisis_lexicon_support"] = jnp.asarray(0.0, jnp.float32)
+    thresholds["crisis_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
     thresholds["crisis_idiom"] = jnp.asarray(0.9, jnp.float32)
-    thresholds["crisis_weak_support"] = jnp.asarray(0.7, jnp.float32)
-    thresholds["reply_lexicon_support"] = jnp.asarray(0.0, jnp.float32)
-    return GuardParams(crisis=mlp(k_user, EMBED_DIM, 1), reply=mlp(k_reply, 2 * EMBED_DIM, 1), thresholds=thresholds)
+    thresholds["crisis_weak_support"] = jnp.asarray(2.0, jnp.float32)
+    thresholds["reply_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
+    return GuardParams(adapter=adapter, crisis=mlp(k_user, 1 + len(CRISIS_CATEGORIES)),
+                       reply=mlp(k_reply, 1 + len(REPLY_CATEGORIES)), thresholds=thresholds)
 
 
 class GuardFileError(ValueError):
     """The guard weights file is missing a field or has a wrong shape (names the file and the field)."""
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        else:
+            out[f"{prefix}/{k}"] = np.asarray(v, np.float32)
+    return out
+
+
 def save_guard_params(params: GuardParams, path: str) -> None:
     arrays = {"format_version": np.asarray(FORMAT_VERSION, np.int32),
               "crisis/labels": np.asarray(("crisis",) + CRISIS_CATEGORIES, np.str_),
-              "reply/labels": np.asarray(("harmful",) + REPLY_CATEGORIES, np.str_)}
-    for head in ("crisis", "reply"):
-        for key, value in getattr(params, head).items():
-            arrays[f"{head}/{key}"] = np.asarray(value, np.float32)
+              "reply/labels": np.asarray(("harmful",) + REPLY_CATEGORIES, np.str_),
+              "adapter/lora_rank": np.asarray(LORA_RANK, np.int32)}
+    arrays.update(_flatten(params.adapter, "adapter"))
+    arrays.update(_flatten(params.crisis, "crisis"))
+    arrays.update(_flatten(params.reply, "reply"))
     for key in THRESHOLD_KEYS:
         arrays[f"thresholds/{key}"] = np.asarray(params.thresholds[key], np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -124,41 +171,110 @@ def save_guard_params(params: GuardParams, path: str) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def load_guard_params(path: str | None = None) -> GuardParams:
+def load_guard_params(path: str | None = None, encoder_config: encoder_lib.BertConfig | None = None) -> GuardParams:
     """Read guard.npz (plain arrays, no pickle); GuardFileError names a bad field."""
     path = path or default_weights_path()
+    config = encoder_config or encoder_lib.BertConfig()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no guard weights; build them with `python tools/train_guard.py` (REWARDS.md)")
     with np.load(path, allow_pickle=False) as npz:
         data = {k: npz[k] for k in npz.files}
 
-    def field(key):
+    def field(key, shape=None):
         if key not in data:
             raise GuardFileError(f"{path}: missing field '{key}'")
-        return data[key]
+        value = data[key]
+        if shape is not None:
+            value = np.asarray(value, np.float32)
+            if value.shape != tuple(shape):
+                raise GuardFileError(f"{path}: field '{key}' has shape {value.shape}, expected {tuple(shape)}")
+            if not np.all(np.isfinite(value)):
+                raise GuardFileError(f"{path}: field '{key}' has non-finite values")
+            return jnp.asarray(value)
+        return value
 
     if int(field("format_version")) != FORMAT_VERSION:
-        raise GuardFileError(f"{path}: field 'format_version' is {int(data['format_version'])}, expected {FORMAT_VERSION}")
+        raise GuardFileError(f"{path}: field 'format_version' is {int(data['format_version'])}, expected "
+                             f"{FORMAT_VERSION} (retrain with tools/train_guard.py)")
+    if int(field("adapter/lora_rank")) != LORA_RANK:
+        raise GuardFileError(f"{path}: field 'adapter/lora_rank' is {int(data['adapter/lora_rank'])}, expected {LORA_RANK}")
+    adapter = {}
+    for name in tuned_layer_names(config.num_hidden_layers):
+        layer = {}
+        for target, (fan_in, fan_out) in _target_shapes(config).items():
+            layer[target] = {"a": field(f"adapter/{name}/{target}/a", (fan_in, LORA_RANK)),
+                             "b": field(f"adapter/{name}/{target}/b", (LORA_RANK, fan_out))}
+        for norm in NORMS:
+            layer[norm] = {k: field(f"adapter/{name}/{norm}/{k}", (config.hidden_size,)) for k in ("scale", "bias")}
+        adapter[name] = layer
     heads = {}
-    for head, in_dim, labels in (("crisis", EMBED_DIM, ("crisis",) + CRISIS_CATEGORIES),
-                                 ("reply", 2 * EMBED_DIM, ("harmful",) + REPLY_CATEGORIES)):
+    for head, labels in (("crisis", ("crisis",) + CRISIS_CATEGORIES), ("reply", ("harmful",) + REPLY_CATEGORIES)):
         if tuple(str(x) for x in field(f"{head}/labels")) != labels:
             raise GuardFileError(f"{path}: field '{head}/labels' does not match {labels}")
-        p = {k: np.asarray(field(f"{head}/{k}"), np.float32) for k in ("w_hidden", "b_hidden", "w_out", "b_out")}
-        hidden = p["w_hidden"].shape[-1]
-        want = {"w_hidden": (in_dim, hidden), "b_hidden": (hidden,), "w_out": (hidden, len(labels)),
-                "b_out": (len(labels),)}
-        for k, shape in want.items():
-            if p[k].shape != shape:
-                raise GuardFileError(f"{path}: field '{head}/{k}' has shape {p[k].shape}, expected {shape}")
-            if not np.all(np.isfinite(p[k])):
-                raise GuardFileError(f"{path}: field '{head}/{k}' has non-finite values")
-        heads[head] = {k: jnp.asarray(v) for k, v in p.items()}
+        hidden = np.asarray(field(f"{head}/b_hidden")).shape[-1]
+        heads[head] = {"w_hidden": field(f"{head}/w_hidden", (FEATURE_DIM, hidden)),
+                       "b_hidden": field(f"{head}/b_hidden", (hidden,)),
+                       "w_out": field(f"{head}/w_out", (hidden, len(labels))),
+                       "b_out": field(f"{head}/b_out", (len(labels),))}
     thresholds = {k: jnp.asarray(field(f"thresholds/{k}"), jnp.float32).reshape(()) for k in THRESHOLD_KEYS}
-    return GuardParams(crisis=heads["crisis"], reply=heads["reply"], thresholds=thresholds)
+    return GuardParams(adapter=adapter, crisis=heads["crisis"], reply=heads["reply"], thresholds=thresholds)
 
 
-# ------------------------------------------------------------------------------------------------ heads (jittable)
+# ------------------------------------------------------------------------------------------------ model (jittable)
+
+
+def _attention_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+def lower_states(encoder_config: encoder_lib.BertConfig, encoder_params: Any, ids: jax.Array,
+                 mask: jax.Array) -> jax.Array:
+    """[B, T, 384]: embeddings and the frozen base layers (all but the top TUNED_LAYERS); the trainer caches these."""
+    c, p = encoder_config, encoder_params
+    length = ids.shape[1]
+    x = (jnp.take(p["word_embeddings"]["embedding"], ids, axis=0)
+         + p["position_embeddings"]["embedding"][:length][None]
+         + p["token_type_embeddings"]["embedding"][0][None, None])
+    x = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": p["embeddings_norm"]}, x)
+    bias = _attention_bias(mask, x.dtype)
+    tuned = set(tuned_layer_names(c.num_hidden_layers))
+    for i in range(c.num_hidden_layers):
+        if f"layer_{i}" not in tuned:
+            x = encoder_lib.BertLayer(c).apply({"params": p[f"layer_{i}"]}, x, bias)
+    return x
+
+
+def adapted_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[str, Any]) -> dict:
+    """One top layer's params with its adapter merged (differentiable in the adapter)."""
+    out = {k: dict(v) for k, v in base_layer.items()}
+    for target in LORA_TARGETS:
+        a, b = adapter_layer[target]["a"], adapter_layer[target]["b"]
+        out[target]["kernel"] = base_layer[target]["kernel"] + (a @ b) * LORA_SCALE
+    for norm in NORMS:
+        out[norm] = {"scale": base_layer[norm]["scale"] + adapter_layer[norm]["scale"],
+                     "bias": base_layer[norm]["bias"] + adapter_layer[norm]["bias"]}
+    return out
+
+
+def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, adapter: Mapping[str, Any],
+                   states: jax.Array, mask: jax.Array) -> jax.Array:
+    """Lower states [B, T, 384] -> the adapted top layers -> features [B, 1152] = [CLS, masked mean, masked max]."""
+    x = states.astype(jnp.float32)
+    bias = _attention_bias(mask, x.dtype)
+    for name in tuned_layer_names(encoder_config.num_hidden_layers):
+        layer = adapted_layer_params(encoder_params[name], adapter[name])
+        x = encoder_lib.BertLayer(encoder_config).apply({"params": layer}, x, bias)
+    m = (mask > 0)[..., None]
+    mean = jnp.sum(jnp.where(m, x, 0.0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+    top = jnp.max(jnp.where(m, x, -1e4), axis=1)
+    return jnp.concatenate([x[:, 0], mean, top], axis=-1)
+
+
+def window_features(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
+                    ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T] rows ([CLS] content [SEP], right padding) -> features [B, 1152]."""
+    states = lower_states(encoder_config, encoder_params, ids, mask)
+    return upper_features(encoder_config, encoder_params, params.adapter, states, mask)
 
 
 def mlp_logits(head: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -167,24 +283,10 @@ def mlp_logits(head: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
     return h @ head["w_out"] + head["b_out"]
 
 
-def crisis_probabilities(params: GuardParams, emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Window embeddings [..., 384] -> (P(crisis) [...], P(category | crisis) [..., 6])."""
-    logits = mlp_logits(params.crisis, emb)
+def head_probabilities(head: Mapping[str, jax.Array], features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """features [..., 1152] -> (P(flag) [...], P(category | flag) [..., 6])."""
+    logits = mlp_logits(head, features)
     return jax.nn.sigmoid(logits[..., 0]), jax.nn.sigmoid(logits[..., 1:])
-
-
-def reply_probabilities(params: GuardParams, emb: jax.Array, user_emb: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reply window embeddings [..., 384] and the answered user message's embedding (broadcastable to it; zeros
-    when there is none) -> (P(harmful) [...], P(category | harmful) [..., 6])."""
-    user_emb = jnp.broadcast_to(user_emb.astype(jnp.float32), emb.shape)
-    logits = mlp_logits(params.reply, jnp.concatenate([emb.astype(jnp.float32), user_emb], axis=-1))
-    return jax.nn.sigmoid(logits[..., 0]), jax.nn.sigmoid(logits[..., 1:])
-
-
-def reply_harm_from_embedding(params: GuardParams, reply_emb: jax.Array, user_emb: jax.Array) -> jax.Array:
-    """[B] P(harmful) from one embedding per reply [B, 384] and per user message [B, 384] (the reward's cheap
-    path: it already has both embeddings; long replies are read only up to the encoder's length)."""
-    return reply_probabilities(params, reply_emb, user_emb)[0]
 
 
 # ------------------------------------------------------------------------------------------------ windows (jittable)
@@ -196,12 +298,6 @@ def scale_layout(capacity: int, size: int, stride: int) -> tuple[int, int]:
     if capacity <= size:
         return 1, width
     return -(-(capacity - size) // stride) + 1, width
-
-
-def active_scales(capacity: int) -> tuple[tuple[int, int], ...]:
-    """The scales worth computing: the large one adds nothing when the small one already covers the text."""
-    small, large = WINDOW_SCALES
-    return (small,) if capacity <= small[0] else WINDOW_SCALES
 
 
 def make_windows(ids: jax.Array, mask: jax.Array, start: jax.Array, size: int, stride: int,
@@ -247,19 +343,30 @@ def host_windows(content: Sequence[int], start: int = 0) -> list[tuple[int, ...]
     return list(out)
 
 
-def window_embeddings(encoder_config: encoder_lib.BertConfig, encoder_params: Any, ids: jax.Array, mask: jax.Array,
-                      start: jax.Array, special: tuple[int, int, int]):
-    """(emb [B, N, 384], valid [B, N]) over all windows of all active scales."""
-    batch, length = ids.shape
-    embs, valids = [], []
-    for size, stride in active_scales(length - 2):
-        win_ids, win_mask, valid = make_windows(ids, mask, start, size, stride, special)
-        num, width = win_ids.shape[1], win_ids.shape[2]
-        _, emb = encoder_lib.encode_ids(encoder_config, encoder_params, win_ids.reshape(batch * num, width),
-                                        win_mask.reshape(batch * num, width))
-        embs.append(emb.reshape(batch, num, -1))
-        valids.append(valid)
-    return jnp.concatenate(embs, axis=1), jnp.concatenate(valids, axis=1)
+def active_scales(capacity: int) -> tuple[tuple[int, int], ...]:
+    """The window scales read for `capacity` content slots (one scale in guard v2)."""
+    del capacity
+    return WINDOW_SCALES
+
+
+def window_rows(ids: jax.Array, mask: jax.Array, start: jax.Array, special: tuple[int, int, int]):
+    """All windows of all scales: (win_ids [B, N, W], win_mask [B, N, W], valid [B, N]) (one scale: W fixed)."""
+    outs = [make_windows(ids, mask, start, size, stride, special) for size, stride in active_scales(ids.shape[1] - 2)]
+    if len(outs) == 1:
+        return outs[0]
+    raise NotImplementedError("guard v2 reads one window scale")
+
+
+def window_probabilities(params: GuardParams, head: Mapping[str, jax.Array], encoder_config: encoder_lib.BertConfig,
+                         encoder_params: Any, ids: jax.Array, mask: jax.Array, start: jax.Array,
+                         special: tuple[int, int, int]):
+    """(P(flag) [B, N], P(category) [B, N, 6], valid [B, N]) over the windows of each row."""
+    win_ids, win_mask, valid = window_rows(ids, mask, start, special)
+    batch, num, width = win_ids.shape
+    feats = window_features(params, encoder_config, encoder_params, win_ids.reshape(batch * num, width),
+                            win_mask.reshape(batch * num, width))
+    prob, cats = head_probabilities(head, feats)
+    return prob.reshape(batch, num), cats.reshape(batch, num, -1), valid
 
 
 def _pool(prob: jax.Array, cats: jax.Array, valid: jax.Array, threshold: jax.Array):
@@ -277,29 +384,29 @@ def crisis_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, e
                   ids: jax.Array, mask: jax.Array, start: jax.Array | None = None,
                   special: tuple[int, int, int] = (101, 102, 0)) -> dict[str, jax.Array]:
     """Jittable (encoder_config and special static). ids, mask [B, T] MiniLM rows ([CLS] content [SEP], right
-    padding; any T >= 3); start [B] content index of the current message (None: 0).
+    padding; any T >= 3); start [B] content index of the current message (None: 0; earlier turns before it).
 
     Returns {"probability": [B] max-window P(crisis), "categories": [B, 6] P(category), "flag": [B] int32 head
     decision (without the lexicon)}."""
     start = jnp.zeros((ids.shape[0],), jnp.int32) if start is None else start
-    emb, valid = window_embeddings(encoder_config, encoder_params, ids, mask, start, special)
-    prob, cats = crisis_probabilities(params, emb)
+    prob, cats, valid = window_probabilities(params, params.crisis, encoder_config, encoder_params, ids, mask, start,
+                                             special)
     threshold = params.thresholds["crisis"]
     best, categories = _pool(prob, cats, valid, threshold)
     return {"probability": best, "categories": categories, "flag": (best >= threshold).astype(jnp.int32)}
 
 
 def reply_harm_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
-                      ids: jax.Array, mask: jax.Array, user_embedding: jax.Array,
+                      ids: jax.Array, mask: jax.Array, start: jax.Array | None = None,
                       special: tuple[int, int, int] = (101, 102, 0)) -> dict[str, jax.Array]:
-    """Jittable (encoder_config and special static). ids, mask [B, T] the reply's MiniLM rows; user_embedding
-    [B, 384] the L2-normalised embedding of the user message it answers (zeros when none).
+    """Jittable (encoder_config and special static). ids, mask [B, T] the reply's MiniLM rows; start [B] where the
+    reply begins when the answered user message is put in front of it (None: the reply alone, as in the reward).
 
     Returns {"probability": [B] max-window P(harmful), "categories": [B, 6], "flag": [B] int32 (head only)}.
     As a reward penalty: `-weight * probability` (or `* flag`)."""
-    start = jnp.zeros((ids.shape[0],), jnp.int32)
-    emb, valid = window_embeddings(encoder_config, encoder_params, ids, mask, start, special)
-    prob, cats = reply_probabilities(params, emb, user_embedding[:, None, :])
+    start = jnp.zeros((ids.shape[0],), jnp.int32) if start is None else start
+    prob, cats, valid = window_probabilities(params, params.reply, encoder_config, encoder_params, ids, mask, start,
+                                             special)
     threshold = params.thresholds["reply"]
     best, categories = _pool(prob, cats, valid, threshold)
     return {"probability": best, "categories": categories, "flag": (best >= threshold).astype(jnp.int32)}
@@ -384,7 +491,7 @@ def bucket_length(n: int) -> int:
 
 
 class Guard:
-    """Encoder, guard heads and lexicon loaded once; `check` is the host entry point (one compile per padded
+    """Encoder, guard params and lexicon loaded once; `check` is the host entry point (one compile per padded
     length bucket)."""
 
     def __init__(self, encoder: Any = None, params: GuardParams | None = None, lexicon: Any = None,
@@ -392,20 +499,28 @@ class Guard:
         from therapy_rl.rewards import safety
 
         self.encoder = encoder or encoder_lib.load_sentence_encoder()
-        self.params = params or load_guard_params()
+        self.params = params or load_guard_params(encoder_config=self.encoder.config)
         self.lexicon = (lexicon or safety.build_safety_lexicon(self.encoder.tokenizer)) if use_lexicon else None
         tok = self.encoder.tokenizer
         self.special = (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), self.encoder.config.pad_token_id)
         self._lock = threading.Lock()  # jitted calls are thread-safe; the lock keeps the API's order simple
         self._crisis = jax.jit(_crisis_with_lexicon, static_argnums=(1, 6, 7))
-        self._reply = jax.jit(_reply_with_lexicon, static_argnums=(1, 7, 8))
-        self._embed = jax.jit(_first_window_embedding, static_argnums=(0, 4))
+        self._reply = jax.jit(_reply_with_lexicon, static_argnums=(1, 6, 7))
 
     # ------------------------------------------------------------------ tokens
     def content_ids(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"guard: expected str, got {type(text).__name__}")
         return self.encoder.tokenizer.encode(text).ids[1:-1]
+
+    def context_ids(self, turns: Sequence[str]) -> list[int]:
+        """The earlier turns as guard context: their ids, each followed by [SEP], cut to the last CONTEXT_TOKENS."""
+        context: list[int] = []
+        for turn in turns:
+            ids = self.content_ids(turn)
+            if ids:
+                context += ids + [self.special[1]]
+        return context[-CONTEXT_TOKENS:]
 
     def _row(self, content: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         cls_id, sep_id, pad_id = self.special
@@ -417,46 +532,33 @@ class Guard:
         mask[0, :len(seq)] = 1
         return ids, mask
 
-    def user_embedding(self, text: str) -> np.ndarray:
-        """[384] embedding of the text's first window (as the reward's user_embedding; zeros for no text)."""
-        ids, mask = self._row(self.content_ids(text)[: WINDOW_SCALES[1][0]])
-        return np.asarray(self._embed(self.encoder.config, self.encoder.params, ids, mask, self.special))[0]
-
     # ------------------------------------------------------------------ checks
     def check(self, text: str, role: str = "user", history: Any = ()) -> GuardResult:
         return decide(self.evidence(text, role, history), role, self.params.thresholds)
 
     def evidence(self, text: str, role: str = "user", history: Any = ()) -> dict:
         """The raw signals behind a check: {"probability", "categories" [6], "lexicon": [(category, lexicon
-        category, phrase)]}."""
+        category, phrase)], "idiom", "weak"}."""
         history = _normalise_history(history)
         if role in USER_ROLES:
-            return self._user_evidence(text, history)
+            earlier = [t for r, t in history if r == "user"][-CONTEXT_TURNS:]
+            return self._evidence(text, earlier, True)
         if role in REPLY_ROLES:
-            return self._reply_evidence(text, history)
+            users = [t for r, t in history if r == "user"]
+            return self._evidence(text, users[-1:], False)
         raise ValueError(f"guard role {role!r}: expected 'user' or 'reply'")
 
-    def _user_evidence(self, text: str, history: list[tuple[str, str]]) -> dict:
+    def _evidence(self, text: str, earlier: Sequence[str], user: bool) -> dict:
         current = self.content_ids(text)
-        earlier = [t for role, t in history if role == "user"][-CONTEXT_TURNS:]
-        context: list[int] = []
-        for turn in earlier:
-            context += self.content_ids(turn)
-        context = context[-CONTEXT_TOKENS:] if current else []
+        context = self.context_ids(earlier) if current else []
         ids, mask = self._row(context + current)
         start = np.asarray([len(context)], np.int32)
+        fn = self._crisis if user else self._reply
         with self._lock:
-            out = jax.device_get(self._crisis(self.params, self.encoder.config, self.encoder.params, self.lexicon,
-                                              ids, mask, self.special, self.lexicon is not None, start))
-        return self._explain(out, "crisis_strong", LEXICON_TO_CRISIS)
-
-    def _reply_evidence(self, text: str, history: list[tuple[str, str]]) -> dict:
-        users = [t for role, t in history if role == "user"]
-        user_emb = self.user_embedding(users[-1]) if users else np.zeros((EMBED_DIM,), np.float32)
-        ids, mask = self._row(self.content_ids(text))
-        with self._lock:
-            out = jax.device_get(self._reply(self.params, self.encoder.config, self.encoder.params, self.lexicon,
-                                             ids, mask, user_emb[None], self.special, self.lexicon is not None))
+            out = jax.device_get(fn(self.params, self.encoder.config, self.encoder.params, self.lexicon, ids, mask,
+                                    self.special, self.lexicon is not None, start))
+        if user:
+            return self._explain(out, "crisis_strong", LEXICON_TO_CRISIS)
         return self._explain(out, "harm_encouragement", LEXICON_TO_REPLY)
 
     def _explain(self, out: Mapping[str, np.ndarray], table_name: str, lexicon_map: Mapping[str, str]) -> dict:
@@ -510,10 +612,10 @@ def _current_mask(mask, start):
 
 
 def _crisis_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start):
-    from therapy_rl.rewards import safety
-
     out = crisis_scores(params, encoder_config, encoder_params, ids, mask, start, special)
     if use_lexicon:
+        from therapy_rl.rewards import safety
+
         current = _current_mask(mask, start)
         out["phrases"] = safety.phrase_hits(lexicon, "crisis_strong", ids, current)
         out["idiom"] = safety.any_hit(lexicon, "crisis_veto", ids, current)
@@ -521,19 +623,13 @@ def _crisis_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, m
     return out
 
 
-def _reply_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, user_embedding, special,
-                        use_lexicon):
-    out = reply_harm_scores(params, encoder_config, encoder_params, ids, mask, user_embedding, special)
+def _reply_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start):
+    out = reply_harm_scores(params, encoder_config, encoder_params, ids, mask, start, special)
     if use_lexicon:
         from therapy_rl.rewards import safety
 
-        out["phrases"] = safety.phrase_hits(lexicon, "harm_encouragement", ids, mask)
+        out["phrases"] = safety.phrase_hits(lexicon, "harm_encouragement", ids, _current_mask(mask, start))
     return out
-
-
-def _first_window_embedding(encoder_config, encoder_params, ids, mask, special):
-    del special
-    return encoder_lib.encode_ids(encoder_config, encoder_params, ids, mask)[1]
 
 
 _DEFAULT: Guard | None = None

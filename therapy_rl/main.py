@@ -1,5 +1,8 @@
 """Entry point: ``python -m therapy_rl.main --config configs/X.py --workdir DIR [--config.a.b=v] [--debug]``.
 
+``--show_config`` prints every field of the config (the file with the ``--config.a.b=v`` overrides applied) with
+its value and its comment from ``defaults.py``, then exits; it needs no ``--workdir`` and writes nothing.
+
 Wires a config to its stage (``config.mode``: sft | ppo | eval); the stages live in importable modules.
 Running the same command again on the same workdir resumes from the last checkpoint.
 The whole config is checked (``config_validation``) before any data is read or the workdir is created; a mistake
@@ -21,12 +24,20 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --
 flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed off TPU.")
 flags.DEFINE_integer("process_id", None, "This process's index, for --distributed off TPU.")
 flags.DEFINE_string("cpu_collectives", None, "CPU cross-process collectives (e.g. gloo) for multi-process CPU runs.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("show_config", False, "Print every config field with its value and comment, then exit.")
+flags.mark_flags_as_required(["config"])  # --workdir is checked in main: --show_config needs none
 
 
 def main(argv):
     if len(argv) > 1:
         raise errors.ConfigError(f"unexpected arguments {argv[1:]}: pass every option as --flag=value")
+    if FLAGS.show_config:
+        from therapy_rl import config_doc
+
+        print(config_doc.show_config(FLAGS.config))
+        return
+    if not FLAGS.workdir:
+        raise errors.ConfigError("--workdir is required: pass --workdir=...")
     import jax
 
     if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):

@@ -4,14 +4,14 @@ evaluation and chat. Fixed batch shapes so the sampler compiles once."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from therapy_rl import sampling
-from therapy_rl.data import tokenize
+from therapy_rl import sampling, settings
+from therapy_rl.data import batches, tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,20 +23,9 @@ class Reply:
 
 
 def sampling_config_from(sampling_cfg, tok: tokenize.TherapyTokenizer, **overrides) -> sampling.SamplingConfig:
-    values = dict(max_new_tokens=sampling_cfg.max_new_tokens, temperature=sampling_cfg.temperature,
-                  top_k=sampling_cfg.top_k, top_p=sampling_cfg.top_p, greedy=sampling_cfg.greedy)
-    values.update(overrides)
-    return sampling.SamplingConfig(eos_id=tok.eos_id, pad_id=tok.pad_id, **values)
-
-
-def padded_batches(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Fixed-size batches in order; the last is padded by repeating its first row. Yields (batch, real rows)."""
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch_size):
-        rows = np.arange(start, min(start + batch_size, n))
-        real = len(rows)
-        rows = np.concatenate([rows, np.full(batch_size - real, rows[0])])
-        yield {k: v[rows] for k, v in arrays.items()}, real
+    """``config.sampling`` with the tokenizer's EOS and padding ids; ``overrides`` (e.g. a saved decoding) win."""
+    return settings.from_section(sampling.SamplingConfig, sampling_cfg, "config.sampling",
+                                 **{"eos_id": tok.eos_id, "pad_id": tok.pad_id, **overrides})
 
 
 def host_copy(tree: Any) -> Any:
@@ -51,16 +40,36 @@ def host_copy(tree: Any) -> Any:
 
 
 def generate_token_rows(generate_fn, params: Any, prompts: dict[str, np.ndarray], batch_size: int,
-                        rng: jax.Array) -> list[np.ndarray]:
+                        rng: jax.Array, mesh=None) -> list[np.ndarray]:
     """Generated token ids of every prompt row, in order, each cut at its response length. The last batch's filler
-    rows are marked inactive, so they stop at once. ``generate_fn`` is ``sampling.make_generate_fn(...)``."""
+    rows are marked inactive, so they stop at once. ``generate_fn`` is ``sampling.make_generate_fn(...)``.
+    With ``mesh``, each batch goes in as a global array sharded on the batch axes, each process giving its block of
+    rows (``batch_size`` must split evenly), and every process gets all rows back (a collective)."""
     rows: list[np.ndarray] = []
-    for index, (batch, real) in enumerate(padded_batches(dict(prompts), batch_size)):
-        active = (np.arange(batch_size) < real).astype(np.int32)
-        out = generate_fn(params, batch["prompt_ids"], batch["prompt_mask"], jax.random.fold_in(rng, index), active)
+    num_rows = len(prompts["prompt_ids"])
+    whole_batches = batches.eval_batches(dict(prompts), batch_size, process_index=0, process_count=1)
+    for index, batch in enumerate(whole_batches):
+        real = min(batch_size, num_rows - index * batch_size)
+        inputs = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                  "active": (np.arange(batch_size) < real).astype(np.int32)}
+        if mesh is not None:
+            inputs = _global_batch(inputs, mesh)
+        out = generate_fn(params, inputs["prompt_ids"], inputs["prompt_mask"], jax.random.fold_in(rng, index),
+                          inputs["active"])
         tokens, lengths = host_copy((out.tokens, out.lengths))
         rows.extend(np.asarray(tokens[r, :lengths[r]]) for r in range(real))
     return rows
+
+
+def _global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """This process's block of rows of a whole host batch, assembled into global batch-sharded arrays."""
+    from therapy_rl import parallel
+
+    n, count = len(batch["active"]), jax.process_count()
+    if n % count:
+        raise ValueError(f"a batch of {n} rows does not split over {count} processes")
+    start = jax.process_index() * (n // count)
+    return parallel.global_batch_from_host({k: v[start:start + n // count] for k, v in batch.items()}, mesh)
 
 
 def generate_replies(generate_fn, params: Any, tok: tokenize.TherapyTokenizer, prompts: dict[str, np.ndarray],
@@ -73,21 +82,45 @@ def generate_replies(generate_fn, params: Any, tok: tokenize.TherapyTokenizer, p
     return out
 
 
+class SampleReplies:
+    """Replies to the first ``count`` validation prompts with the config's sampling settings and seed: one compiled
+    sampler, reused at every eval (every process must call ``generate``: on several processes it gathers)."""
+
+    def __init__(self, model_config, tok, split_arrays, config, count: int):
+        self.tok = tok
+        self.split_arrays = split_arrays
+        self.prompts = {k: v[:count] for k, v in split_arrays.prompts.items()}
+        self.batch_size = count
+        self.generate_fn = sampling.make_generate_fn(model_config, sampling_config_from(config.sampling, tok))
+        self.rng = jax.random.fold_in(jax.random.key(config.seed), 7)
+
+    def generate(self, params) -> list[Reply]:
+        return generate_replies(self.generate_fn, params, self.tok, self.prompts, self.batch_size, self.rng)
+
+    def lines(self, replies: list[Reply]) -> list[str]:
+        """One block per prompt: user, reference, model."""
+        blocks = []
+        for row, reply in zip(self.prompts["sample_index"], replies):
+            sample = self.split_arrays.samples[int(row)]
+            blocks.append(f"[user ({sample.user_emotion})] {sample.user_text}\n"
+                          f"[reference ({sample.therapist_emotion})] {sample.therapist_text}\n"
+                          f"[model ({reply.emotion or 'no tag'})] {reply.text}")
+        return blocks
+
+    def markdown(self, replies: list[Reply]) -> str:
+        """The blocks as TensorBoard text (markdown: two spaces end a line)."""
+        return "\n\n---\n\n".join(block.replace("\n", "  \n") for block in self.lines(replies))
+
+
 def print_sample_replies(model_config, params, tok, split_arrays, config, count: int,
                          title: str | None = None) -> list[Reply]:
     """Generates replies for the first ``count`` validation prompts (every process must call this: on several
     processes it gathers), and prints them, under ``title``, from process 0 only."""
-    prompts = {k: v[:count] for k, v in split_arrays.prompts.items()}
-    sampling_config = sampling_config_from(config.sampling, tok)
-    generate_fn = sampling.make_generate_fn(model_config, sampling_config)
-    rng = jax.random.fold_in(jax.random.key(config.seed), 7)
-    replies = generate_replies(generate_fn, params, tok, prompts, count, rng)
+    sample_replies = SampleReplies(model_config, tok, split_arrays, config, count)
+    replies = sample_replies.generate(params)
     if jax.process_index() == 0:
         if title:
             print(title)
-        for row, reply in zip(prompts["sample_index"], replies):
-            sample = split_arrays.samples[int(row)]
-            print(f"\n[user ({sample.user_emotion})] {sample.user_text}\n"
-                  f"[reference ({sample.therapist_emotion})] {sample.therapist_text}\n"
-                  f"[model ({reply.emotion or 'no tag'})] {reply.text}")
+        for block in sample_replies.lines(replies):
+            print("\n" + block)
     return replies

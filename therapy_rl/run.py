@@ -73,9 +73,9 @@ class Run:
 
     @functools.cached_property
     def model_config(self):
-        from therapy_rl.models import gpt2
+        from therapy_rl.models import families
 
-        return gpt2.GPT2Config(**self.info["model_config"])
+        return families.config_from_dict(self.info["model_config"])
 
     @functools.cached_property
     def tokenizer(self):

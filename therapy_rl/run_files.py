@@ -29,7 +29,7 @@ def write_run_info(workdir: str, config, model_config: gpt2.GPT2Config, resume: 
     resumes = read_run_info(workdir).get("resumes", []) if os.path.exists(path) else []
     info = {
         "mode": config.mode,
-        "model_config": dataclasses.asdict(model_config),
+        "model_config": _model_config_dict(model_config),
         "data": config.data.to_dict(),
         "config": _config_json(config),
         "resumes": resumes + ([resume] if resume is not None else []),
@@ -58,7 +58,7 @@ RESUMABLE_FIELDS = (
     "adam_b1", "adam_b2", "adam_eps",
     "log_every_*", "eval_every_*", "checkpoint_every_*", "keep_checkpoints", "early_stopping_patience_evals",
     "eval_at_start", "eval_batch_size", "progress_bar", "num_sample_replies",
-    "mesh.*", "grad_accum_steps", "ppo.grad_accum_steps", "model.remat",
+    "mesh.*", "grad_accum_steps", "ppo.grad_accum_steps", "model.remat", "wandb.*",
 )
 RESUMABLE_IN_MODE = {"sft": ("sampling.*", "export_hf")}  # SFT samples only for the printed replies
 MAP_FIELDS = ("data.esconv_emotion_map",)  # user maps, compared whole
@@ -154,8 +154,16 @@ def _last_checkpoint_step(workdir: str) -> int | None:
     return max(steps, default=None)
 
 
+def _model_config_dict(model_config) -> dict:
+    from therapy_rl.models import families
+
+    return families.config_to_dict(model_config)
+
+
 def model_config_of(workdir: str, **overrides) -> gpt2.GPT2Config:
-    return gpt2.GPT2Config(**{**read_run_info(workdir)["model_config"], **overrides})
+    from therapy_rl.models import families
+
+    return families.config_from_dict(read_run_info(workdir)["model_config"]).replace(**overrides)
 
 
 def tokenizer_dir(workdir: str) -> str:
@@ -170,12 +178,19 @@ FORMAT_FIELDS = ("include_therapist_emotion", "include_strategy", "context_turns
                  "therapist_run")
 
 
+def is_unset(key: str, value: Any) -> bool:
+    """A PPO / eval data option left for the run to decide: None (``defaults.unset``), an empty map, or source ""."""
+    return value is None or (key == "source" and value == "") or (hasattr(value, "keys") and not len(value))
+
+
 def inherit_data_options(requested, run_data: dict[str, Any], where: str = "config.data",
                          always_from_request: tuple[str, ...] = ()):
-    """A run's data options overlaid with every requested field set away from ``data_defaults()``.
+    """A run's data options overlaid with every requested field that is set (see `is_unset`): a set value always
+    wins, even when it equals the default; an unset one takes the run's value (``data_defaults()``'s if the run
+    has none).
 
-    ``source = ""`` keeps the run's source; a changed source (e.g. esconv for a cross-domain eval) resets the
-    run's data_dir unless one is requested. ``always_from_request`` fields always come from ``requested``.
+    A changed source (e.g. esconv for a cross-domain eval) resets the run's data_dir unless one is requested.
+    ``always_from_request`` fields never come from the run (unset = ``data_defaults()``'s value).
     FORMAT_FIELDS must agree with the run: the model only knows that format.
     """
     import ml_collections
@@ -184,20 +199,20 @@ def inherit_data_options(requested, run_data: dict[str, Any], where: str = "conf
 
     base = defaults.data_defaults().to_dict()
     wanted = requested.to_dict() if hasattr(requested, "to_dict") else dict(requested)
-    resolved = dict(run_data)
+    resolved = {**base, **run_data}
     for key, value in wanted.items():
-        if key == "source" and value == "":
-            continue
-        if key in always_from_request or key not in resolved or value != base.get(key):
+        if not is_unset(key, value):
             resolved[key] = value
-    if resolved.get("source") != run_data.get("source") and wanted.get("data_dir", "") == "":
+        elif key in always_from_request:
+            resolved[key] = base.get(key)
+    if resolved.get("source") != run_data.get("source") and wanted.get("data_dir") in (None, ""):
         resolved["data_dir"] = ""  # the run's folder belongs to its own source
     for key in FORMAT_FIELDS:
         if key in run_data and resolved.get(key) != run_data[key]:
             raise ValueError(f"{where}.{key}={resolved.get(key)!r} differs from the run's {run_data[key]!r}: "
                              "the model was trained on that format")
     if not resolved.get("source"):
-        raise ValueError(f"{where}.source is empty and the run's run_info.json has no data source")
+        raise ValueError(f"{where}.source is not set and the run's run_info.json has no data source")
     return ml_collections.ConfigDict(resolved)
 
 

@@ -23,18 +23,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from therapy_rl.models.gpt2 import GPT2Config, GPT2LMHeadModel, KVCache, init_cache, lm_logits
+from therapy_rl import defaults
+from therapy_rl.models.gpt2 import GPT2Config, KVCache
+
+_SAMPLING_DEFAULTS = defaults.sampling_defaults()  # config.sampling: the defaults of SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Static decoding settings (hashable: a jit static argument)."""
+    """Static decoding settings (hashable: a jit static argument). Defaults: config.sampling's."""
 
     max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off; ties with the k-th logit are kept
-    top_p: float = 1.0  # 1.0 = off; smallest set with mass >= top_p, ties at the cut kept
-    greedy: bool = False  # argmax of the raw logits; temperature/top-k/top-p ignored
+    temperature: float = _SAMPLING_DEFAULTS.temperature
+    top_k: int = _SAMPLING_DEFAULTS.top_k  # 0 = off; ties with the k-th logit are kept
+    top_p: float = _SAMPLING_DEFAULTS.top_p  # 1.0 = off; smallest set with mass >= top_p, ties at the cut kept
+    greedy: bool = _SAMPLING_DEFAULTS.greedy  # argmax of the raw logits; temperature/top-k/top-p ignored
     eos_id: Optional[int] = None  # None = never stop early
     pad_id: int = 0  # emitted after a row's EOS and for rows that never started
 
@@ -401,13 +404,15 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
                          f"{total} exceeds the model's n_positions={config.n_positions}")
     if prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"generate: prompt_mask shape {prompt_mask.shape} != prompt_ids shape {prompt_ids.shape}")
-    model = GPT2LMHeadModel(config)
+    from therapy_rl.models import families
+
+    model = families.module(config)
     # Key mask over all cache slots: the prompt's, then every generated slot is real.
     key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32),
                                 jnp.ones((batch, sampling.max_new_tokens), jnp.int32)], axis=1)
-    cache = init_cache(config, batch, total)
+    cache = families.init_cache(config, batch, total)
     prefill = model.apply({"params": params}, prompt_ids, key_mask, cache=cache, compute_logits=False)
-    first_logits = lm_logits(params["wte"]["embedding"], prefill.hidden_states[:, -1], config)  # [B, V]
+    first_logits = families.lm_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
     prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)
 
     def step_fn(last_tokens, step, cache: KVCache):
@@ -415,7 +420,7 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
         positions = (prompt_lengths + step - 1)[:, None]
         out = model.apply({"params": params}, last_tokens[:, None], key_mask, position_ids=positions,
                           cache=cache, compute_logits=False)
-        return lm_logits(params["wte"]["embedding"], out.hidden_states[:, 0], config), out.cache
+        return families.lm_logits(params, out.hidden_states[:, 0], config), out.cache
 
     return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling, active=active, knobs=knobs)
 

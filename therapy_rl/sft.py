@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -11,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from therapy_rl import nonfinite, workdir_lock
-from therapy_rl.models import gpt2
+from therapy_rl import nonfinite, ops, optim, workdir_lock
+from therapy_rl.models import families, gpt2
 
 # What the step's `nonfinite.KEY` bitmask watches, bit by bit.
 GUARDED = ("training loss", "gradient norm", "parameter norm after the update")
@@ -29,44 +28,6 @@ class TrainState:
     rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = 2e-5
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    schedule: str = "linear"  # linear | cosine | constant, after linear warm-up
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    grad_clip_norm: float = 1.0  # <= 0 disables clipping
-
-
-def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
-    if cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
-    elif cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
-    elif cfg.schedule == "constant":
-        decay = optax.constant_schedule(cfg.learning_rate)
-    else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected linear, cosine or constant")
-    if cfg.warmup_steps <= 0:
-        return decay
-    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
-
-
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """AdamW with warm-up + decay and global-norm clipping; no weight decay on biases and LayerNorm."""
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
-    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
-
-
 def masked_lm_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
     """Summed next-token NLL, target count and correct count over supervised targets.
 
@@ -80,49 +41,12 @@ def masked_lm_sums(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
 def token_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
     """NLL, weight and correct-prediction sums of ``logits [..., V]`` against ``targets [...]``, weighted."""
     weights = weights.astype(jnp.float32)
-    nll, correct = token_nll_and_correct(logits.astype(jnp.float32), targets)
+    stats = ops.softmax_token_stats(logits.astype(jnp.float32), targets)
     return {
-        "nll_sum": jnp.sum(nll * weights),
+        "nll_sum": jnp.sum(stats.nll * weights),
         "target_count": jnp.sum(weights),
-        "correct_count": jnp.sum(correct * weights),
+        "correct_count": jnp.sum(stats.correct * weights),
     }
-
-
-@jax.custom_vjp
-def token_nll_and_correct(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token ``-log softmax(logits)[target]`` and whether the target logit is the row's maximum (float), [...].
-
-    The NLL equals ``log_softmax`` + ``take_along_axis``, with fewer passes over the [..., V] logits, which
-    dominate the loss on CPU: the forward reads them for the max and once for ``exp(logits - max)`` (kept for
-    the backward, so log-probs are never materialised and exp is not recomputed), the target logit is a
-    gather, and the backward scales the kept exps in place and subtracts at the targets (a custom VJP: no
-    scatter into a zero [..., V] array). "Correct" is ``logit[target] == max``: ``argmax == target`` except
-    that a target tied for the maximum counts as correct (argmax would pick the first tied index), which
-    saves a separate argmax pass.
-    """
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    max_logit = jnp.max(logits, axis=-1)
-    exps = jnp.exp(logits - max_logit[..., None])
-    sum_exps = jnp.sum(exps, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = max_logit + jnp.log(sum_exps) - target_logit
-    correct = (target_logit >= max_logit).astype(jnp.float32)
-    return (nll, correct), (exps, sum_exps, targets)
-
-
-def _token_nll_bwd(residuals, cotangents):
-    exps, sum_exps, targets = residuals
-    grad_nll = cotangents[0]  # `correct` is not differentiable
-    grad_logits = exps * (grad_nll / sum_exps)[..., None]  # softmax * grad
-    index = jnp.indices(targets.shape, sparse=True)  # minus grad at each target: one value per token
-    grad_logits = grad_logits.at[(*index, targets)].add(-grad_nll, unique_indices=True)
-    return grad_logits, None
-
-
-token_nll_and_correct.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
 def _lm_sums(model, params, batch, deterministic: bool, dropout_key) -> dict[str, jax.Array]:
@@ -133,11 +57,14 @@ def _lm_sums(model, params, batch, deterministic: bool, dropout_key) -> dict[str
     gradient without a transposed copy of the [N, V] logit gradient.
     """
     rngs = None if deterministic else {"dropout": dropout_key}
-    hidden = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         deterministic=deterministic, rngs=rngs, compute_logits=False).hidden_states
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B * (T-1), D]
-    logits = gpt2.lm_logits(params["wte"]["embedding"], hidden, model.config)
-    return token_sums(logits, batch["input_ids"][:, 1:].reshape(-1), batch["loss_mask"][:, 1:].reshape(-1))
+    out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                      deterministic=deterministic, rngs=rngs, compute_logits=False)
+    hidden = out.hidden_states[:, :-1].reshape(-1, out.hidden_states.shape[-1])  # [B * (T-1), D]
+    logits = families.lm_logits(params, hidden, model.config)
+    sums = token_sums(logits, batch["input_ids"][:, 1:].reshape(-1), batch["loss_mask"][:, 1:].reshape(-1))
+    if getattr(out, "aux_loss", None) is not None:  # MoE load balancing, token-weighted across micro-batches
+        sums["aux_sum"] = out.aux_loss * sums["target_count"]
+    return sums
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
@@ -150,30 +77,19 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
     weights pass ~1e19, so it also catches an update that blew them up without an Inf yet).
     """
 
-    def sums_and_grads(params, micro_batch, key):
-        def loss_fn(p):
-            sums = _lm_sums(model, p, micro_batch, not dropout, key)
-            return sums["nll_sum"], sums
-
-        grads, sums = jax.grad(loss_fn, has_aux=True)(params)
-        return grads, sums
+    def loss_fn(params, micro_batch, key):
+        sums = _lm_sums(model, params, micro_batch, not dropout, key)
+        if "aux_sum" in sums:
+            return sums["nll_sum"] + families.aux_loss_coef(model.config) * sums["aux_sum"], sums
+        return sums["nll_sum"], sums
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if grad_accum_steps == 1:
-            grads, sums = sums_and_grads(state.params, batch, step_key)
+        if grad_accum_steps == 1:  # dropout keys: the step's key, or fold_in(step key, i) for micro-batch i
+            keys = step_key[None]
         else:
-            micro = jax.tree_util.tree_map(
-                lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
-
-            def accumulate(carry, inputs):
-                index, micro_batch = inputs
-                grads, sums = sums_and_grads(state.params, micro_batch, jax.random.fold_in(step_key, index))
-                return jax.tree_util.tree_map(jnp.add, carry, (grads, sums)), None
-
-            zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params),
-                     {k: jnp.zeros((), jnp.float32) for k in ("nll_sum", "target_count", "correct_count")})
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+            keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(grad_accum_steps))
+        _, grads, sums = ops.accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps, keys)
         denominator = jnp.maximum(sums["target_count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -187,6 +103,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
             "train/param_norm": param_norm,
             nonfinite.KEY: nonfinite.code(loss, grad_norm, param_norm),
         }
+        if "aux_sum" in sums:
+            metrics["train/aux_loss"] = sums["aux_sum"] / denominator
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -260,12 +178,6 @@ def jit_eval_step(eval_step: Callable, mesh, params_shardings, batch_example: di
 # ----------------------------------------------------------------------------------------------- the SFT loop
 
 
-def _optimizer_config(config, total_steps: int) -> OptimizerConfig:
-    return OptimizerConfig(learning_rate=config.learning_rate, warmup_steps=int(round(config.warmup_fraction * total_steps)),
-                           total_steps=total_steps, schedule=config.lr_schedule, weight_decay=config.weight_decay,
-                           grad_clip_norm=config.grad_clip_norm)
-
-
 @workdir_lock.locked
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Runs (or resumes) SFT in ``workdir``, holding its lock; returns the final validation metrics.
@@ -295,10 +207,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
     iterator = batches.BatchIterator(train.sft, config.global_batch_size, seed=config.seed)
     total_steps = config.max_steps or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
-    optimizer = make_optimizer(_optimizer_config(config, total_steps))
-    model = gpt2.GPT2LMHeadModel(model_config)
-    state, shardings = init_train_state(build.initial_params(config.model, model_config, config.seed), optimizer,
-                                        config.seed, mesh, parallel.GPT2_PARTITION_RULES)
+    optimizer = families.trainable_optimizer(  # with LoRA: the adapters only
+        model_config, optim.make_optimizer(optim.optimizer_config_from(config, total_steps)))
+    model = families.module(model_config)
+    state, shardings = init_train_state(build.initial_params(config.model, model_config, config.seed, mesh),
+                                        optimizer, config.seed, mesh, families.partition_rules(model_config))
     print(f"[sft] model {gpt2.count_params(state.params) / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
           f"{iterator.steps_per_epoch} steps/epoch, {total_steps} steps")
 
@@ -321,8 +234,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     step = int(state.step)
     writer = MetricsWriter(workdir, total_steps, initial_step=step, description="sft",
-                           enable_progress_bar=config.progress_bar)
-    lr_at = learning_rate_schedule(_optimizer_config(config, total_steps))
+                           enable_progress_bar=config.progress_bar, wandb_settings=config.get("wandb"),
+                           config=config.to_dict())
+    writer.write_config(config.to_dict(), ("val/loss",))
+    sample_replies = None
+    if config.num_sample_replies and validating:  # written to TensorBoard at each eval
+        from therapy_rl import replies
+
+        sample_replies = replies.SampleReplies(model_config, tok, val, config, config.num_sample_replies)
+    lr_at = optim.learning_rate_schedule(optim.optimizer_config_from(config, total_steps))
     val_metrics: dict[str, float] = {}
     stop = tracker.should_stop
     guard = nonfinite.StepGuard(GUARDED, lambda: nonfinite.advice(last_ckpt, config.learning_rate))
@@ -351,6 +271,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     best_ckpt.save(step, {"params": state.params}, {"val/loss": val_metrics["val/loss"]})
                 stop = tracker.should_stop
                 writer.write(step, {**val_metrics, "val/best_loss": tracker.best})
+                if sample_replies is not None:
+                    texts = sample_replies.generate(state.params)
+                    writer.write_texts(step, {"sample_replies": sample_replies.markdown(texts)})
             if step % config.checkpoint_every_steps == 0 or last or stop:
                 last_ckpt.save(step, state, {"data_iterator": iterator.get_state(), "best": tracker.to_json()})
     finally:
@@ -372,8 +295,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                      title=f"[sft] replies of the best checkpoint (step {best_ckpt.latest_step()}) "
                                            "for validation prompts:")
     if config.export_hf and jax.process_index() == 0:
-        from therapy_rl.models import hf_io
+        from therapy_rl import export
 
-        hf_io.save_hf_gpt2(model_config, jax.device_get(state.params), os.path.join(workdir, "hf_export"))
-        tok.hf.save_pretrained(os.path.join(workdir, "hf_export"))
+        export.export_run(workdir, os.path.join(workdir, "hf_export"), "best" if validating else "last",
+                          overwrite=True)
     return val_metrics

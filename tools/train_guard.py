@@ -1,18 +1,20 @@
-"""Train the guard heads of `therapy_rl/guard.py`, pick thresholds on development data, score held-out sets.
+"""Train guard v2 (`therapy_rl/guard.py`): MiniLM's top layers fine-tuned through LoRA adapters, two heads, the
+thresholds chosen on development data; score a frozen held-out set once.
 
-    python tools/train_guard.py --data_dir $THERAPY_RL_DATA                 # train -> rewards/weights/guard.npz
-    python tools/train_guard.py --eval_heldout evalsets/guard_v1            # score the frozen sets ONCE
+    python tools/train_guard.py --data_dir $THERAPY_RL_DATA                      # train -> rewards/weights/guard.npz
+    python tools/train_guard.py --eval_heldout evalsets/guard_v2                 # score a frozen set ONCE
 
 Training data (REWARDS.md, "Guard"):
-- the project's own written examples, `tools/guard_examples_user.json` and `guard_examples_reply.json`
-  (patterns expanded and sampled; whole patterns go to train or dev);
-- datasets: sdcnl and reddit_cssrs (crisis positives, noisy), depression_severity, GoEmotions, EmpatheticDialogues,
-  ESConv, CounselChat, AnnoMI, MESC (negatives: ordinary, sad and therapy text; supporter turns for replies);
-- long messages built from dataset sentences with a written message at the end (windows labelled by span).
-Every text is cut into the guard's windows; window embeddings are cached under --cache_dir (never the repo).
-Thresholds are chosen by 5-fold cross-validation over whole written patterns (plus the earlier hand-written sets of
-tests/test_safety.py and dataset dev text), with the rule in `choose_thresholds`. evalsets/ is read only by
---eval_heldout.
+- written examples: `tools/guard_examples_v2.json` (plain sentences, round 2), `tools/guard_examples_user.json` and
+  `guard_examples_reply.json` (round-1 patterns, sampled into variants), issue 11's own texts;
+- evalsets/guard_v1 (scored once in round 1, now spent: development data) and the earlier hand-written sets of
+  tests/test_safety.py; half of each (stable hash of the row) trains, half is development data;
+- datasets: sdcnl and reddit_cssrs (crisis positives, noisy, low weight), depression_severity, GoEmotions,
+  EmpatheticDialogues, ESConv, CounselChat, AnnoMI, MESC (negatives; supporter turns for replies);
+- long messages built from dataset sentences with a written message inside (windows labelled by span).
+Every text is cut into the guard's windows exactly as `guard.Guard` reads it. The frozen lower layers' states of
+each window are computed once and cached under --cache_dir (never the repo); training runs the adapted top layers.
+Only the folder given to --eval_heldout is read as a held-out set, and only by that command.
 """
 from __future__ import annotations
 
@@ -35,33 +37,32 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS_DIR)
 
 from therapy_rl import guard as G  # noqa: E402
 from therapy_rl.rewards import encoder as encoder_lib  # noqa: E402
 from therapy_rl.rewards import safety as S  # noqa: E402
-from therapy_rl.rewards import train_heads as TH  # noqa: E402
 
-TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
+from tools import crisis_evaluation as E  # noqa: E402
+from tools import reward_datasets as D  # noqa: E402
+
 REPO = os.path.dirname(TOOLS_DIR)
 USER_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_user.json")
 REPLY_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_reply.json")
+PLAIN_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_v2.json")
+SPENT_SET = os.path.join(REPO, "evalsets", "guard_v1")  # scored in round 1; development data since
 METRICS_FILE = os.path.join(REPO, "therapy_rl", "rewards", "weights", "guard_metrics.json")
-K_FOLDS = 5  # written patterns: out-of-fold predictions choose the thresholds
-# Texts about suicide or self-harm are never used as dataset negatives.
+K_FOLDS = 5  # round-1 pattern folds; fold0 is development data
 CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die|self.?harm|overdos|"
                          r"end(ing)? (my|it all)|cut(ting)? myself|take my (own )?life|kms", re.IGNORECASE)
-# Dataset negatives weigh this many times the written negatives (per split); windows with these words count more.
-DATASET_NEGATIVE_SHARE = 0.4
-WRITTEN_NEGATIVE_WEIGHT = 3.0  # per written negative user window (a written positive weighs 1)
-REPLY_DATASET_NEGATIVE_SHARE = 1.5
-ISSUE_WEIGHT = 5.0  # real misses reported in issue 11 count more than one templated variant
-HARD_NEGATIVE_FACTOR = 4.0
 HARD_WORDS = ("kill", "killing", "die", "dying", "dead", "death", "shoot", "shot", "gun", "cut", "cutting", "jump",
               "bridge", "roof", "pills", "tablets", "overdose", "hang", "hanging", "end", "knife", "blood", "hurt",
               "goodbye", "murder", "stab", "poison", "rope", "suicide", "suicidal", "alive", "disappear", "burden")
 HARD_WORD_TEXT = re.compile(r"\b(" + "|".join(HARD_WORDS) + r")\b", re.IGNORECASE)
-# Threshold rule targets (development data only).
-MAX_DEV_FALSE_ALARMS = 0.05  # hand-written hard negatives (the held-out target)
+ISSUE_WEIGHT = 3.0
+# Development threshold rule: the largest recall with false alarms within these on development data.
+MAX_DEV_FALSE_ALARMS = 0.04  # hand-written hard negatives (target 0.05, kept under it for the unseen set)
 MAX_DEV_ORDINARY_FLAGS = 0.02  # dataset text (GoEmotions, ED, ESConv, MESC, therapist replies)
 
 
@@ -199,7 +200,7 @@ def _written_messages(seed: int, variants: int) -> list[Message]:
 
 
 def _read_csv(path: str, required: Sequence[str]) -> list[dict]:
-    return [row for _, row in TH._read_csv_dicts(path, required)]  # noqa: SLF001
+    return [row for _, row in D.read_csv_dicts(path, required)]
 
 
 def _stable_split(key: str, seed: int, dev: float = 0.15) -> str:
@@ -230,7 +231,7 @@ def dataset_messages(data_dir: str, seed: int, sizes: dict) -> list[Message]:
             out.append(Message(t, label, role, source, split, categories, history))
 
     # sdcnl: r/SuicideWatch posts (positives) and r/depression posts (low-weight negatives)
-    sd = TH.load_sdcnl(data_dir, "training-set.csv")
+    sd = D.load_sdcnl(data_dir, "training-set.csv")
     for p in sd:
         split = _stable_split(p["post"], seed)
         if p["label"] == 1:
@@ -240,7 +241,7 @@ def dataset_messages(data_dir: str, seed: int, sizes: dict) -> list[Message]:
         else:
             out.append(Message(_clean(p["post"]), 0, "user", "sdcnl_depression", split))
     # Reddit C-SSRS: posts of Ideation / Behavior / Attempt users (user-level labels: noisy positives)
-    for u in TH.load_cssrs(data_dir, sizes["cssrs_posts_per_user"]):
+    for u in D.load_cssrs(data_dir, sizes["cssrs_posts_per_user"]):
         if u["level"] not in ("Ideation", "Behavior", "Attempt"):
             continue
         split = _stable_split(u["user"], seed)
@@ -253,10 +254,10 @@ def dataset_messages(data_dir: str, seed: int, sizes: dict) -> list[Message]:
         add([t], 0, "user", "depression_severity_low", _stable_split(t, seed))
     # GoEmotions (official train / dev)
     for split, name in (("train", "train"), ("dev", "dev")):
-        texts = [t for t, _ in TH.load_goemotions(data_dir, name)]
+        texts = [t for t, _ in D.load_goemotions(data_dir, name)]
         add(_sample(texts, sizes[f"goemotions_{split}"], rng), 0, "user", "goemotions", split)
     # EmpatheticDialogues speaker turns and situations; listener turns as replies
-    ed = TH.load_empathetic_dialogues(data_dir, seed)
+    ed = D.load_empathetic_dialogues(data_dir, seed)
     add(_sample(ed["train"], sizes["ed_train"], rng), 0, "user", "empatheticdialogues", "train")
     add(_sample(ed["val"], sizes["ed_dev"], rng), 0, "user", "empatheticdialogues", "dev")
     for split, pairs in _ed_listener_pairs(data_dir, seed).items():
@@ -317,12 +318,12 @@ def dataset_messages(data_dir: str, seed: int, sizes: dict) -> list[Message]:
     # MESC clients (official train / val)
     pools = {"train": [], "dev": []}
     for split, name in (("train", "train"), ("dev", "val")):
-        texts = [t for t, _ in TH.load_mesc_clients(data_dir, name)]
+        texts = [t for t, _ in D.load_mesc_clients(data_dir, name)]
         add(_sample(texts, sizes[f"mesc_{split}"], rng), 0, "user", "mesc_client", split)
         pools[split] += texts
     # every ordinary text that uses a crisis word in passing ("this exam is killing me"): hard negatives
     for split, name in (("train", "train"), ("dev", "dev")):
-        pools[split] += [t for t, _ in TH.load_goemotions(data_dir, name)]
+        pools[split] += [t for t, _ in D.load_goemotions(data_dir, name)]
     pools["train"] += ed["train"]
     pools["dev"] += ed["val"]
     for split in ("train", "dev"):
@@ -352,85 +353,10 @@ def mined_sentences(lexicon: S.SafetyLexicon, encoder, messages: list[Message]) 
     out = []
     for split in ("train", "dev"):
         posts = [{"post": m.text} for m in messages if m.source == "sdcnl_suicidewatch" and m.split == split]
-        for s in TH.mined_crisis_sentences(lexicon, encoder, posts):
+        for s in D.mined_crisis_sentences(lexicon, encoder, posts):
             out.append(Message(_clean(s), 1, "user", "sdcnl_mined_sentence", split, ("suicidal_ideation",)))
     return out
 
-
-# ============================================================================ windows and embeddings
-
-
-@dataclasses.dataclass
-class WindowRow:
-    window: tuple  # content ids
-    label: int
-    weight: float
-    source: str
-    split: str
-    categories: tuple[str, ...] = ()
-    user_window: tuple | None = None  # reply head: the answered user message's first window
-
-
-class WindowEmbedder:
-    """Embeds content-id windows ([CLS] w [SEP]) with the project encoder; cached by window under cache_dir."""
-
-    BUCKETS = (16, 32, 64, 128)
-
-    def __init__(self, encoder: encoder_lib.SentenceEncoder, cache_dir: str, batch_size: int = 64):
-        self.encoder, self.cache_dir, self.batch_size = encoder, cache_dir, batch_size
-        tok = encoder.tokenizer
-        self.cls_id, self.sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        os.makedirs(cache_dir, exist_ok=True)
-        self.index: dict[bytes, tuple[int, int]] = {}
-        self.shards: list[np.ndarray] = []
-        for path in sorted(glob.glob(os.path.join(cache_dir, "shard-*.npz"))):
-            with np.load(path, allow_pickle=False) as z:
-                keys, emb = z["keys"], z["emb"]
-            for i, k in enumerate(keys):
-                self.index[k.tobytes()] = (len(self.shards), i)
-            self.shards.append(emb)
-        self.seconds = 0.0
-
-    @staticmethod
-    def key(window: tuple) -> bytes:
-        return hashlib.sha1(np.asarray(window, np.int32).tobytes()).digest()
-
-    def __call__(self, windows: Sequence[tuple], save_every: int = 4096) -> np.ndarray:
-        missing = list(dict.fromkeys(w for w in windows if self.key(w) not in self.index))
-        if missing:
-            print(f"[embed] {len(missing)} new windows ({len(self.index)} cached)", flush=True)
-        for lo in range(0, len(missing), save_every):
-            self._embed_and_save(missing[lo:lo + save_every])
-        out = np.zeros((len(windows), G.EMBED_DIM), np.float32)
-        for i, w in enumerate(windows):
-            shard, row = self.index[self.key(w)]
-            out[i] = self.shards[shard][row]
-        return out
-
-    def _embed_and_save(self, windows: list[tuple]) -> None:
-        start = time.time()
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-        emb = np.zeros((len(windows), G.EMBED_DIM), np.float32)
-        for lo in range(0, len(order), self.batch_size):
-            chunk = order[lo:lo + self.batch_size]
-            longest = max(len(windows[i]) for i in chunk) + 2
-            length = next(b for b in self.BUCKETS if longest <= b) if longest <= self.BUCKETS[-1] else longest
-            ids = np.zeros((self.batch_size, length), np.int32)
-            mask = np.zeros((self.batch_size, length), np.int32)
-            for r, i in enumerate(chunk):
-                seq = [self.cls_id, *windows[i], self.sep_id]
-                ids[r, :len(seq)] = seq
-                mask[r, :len(seq)] = 1
-            _, e = encoder_lib.encode_ids_jit(self.encoder.config, self.encoder.params, ids, mask)
-            emb[chunk] = np.asarray(e)[:len(chunk)]
-        keys = np.stack([np.frombuffer(self.key(w), np.uint8) for w in windows])
-        path = os.path.join(self.cache_dir, f"shard-{len(self.shards):05d}.npz")
-        np.savez(path, keys=keys, emb=emb)
-        for i, k in enumerate(keys):
-            self.index[k.tobytes()] = (len(self.shards), i)
-        self.shards.append(emb)
-        self.seconds += time.time() - start
-        print(f"[embed] {len(windows)} windows in {time.time() - start:.0f}s -> {path}", flush=True)
 
 
 class Tokens:
@@ -447,396 +373,6 @@ class Tokens:
                 self.memo[t] = enc.ids[1:-1]
         return [self.memo[t] for t in texts]
 
-
-FIRST_WINDOW = G.WINDOW_SCALES[1][0]  # the reply head's user context: the user message's first 126 tokens
-
-
-def _user_context_ids(tokens: Tokens, history: Sequence[str]) -> list[int]:
-    context: list[int] = []
-    for turn in history[-G.CONTEXT_TURNS:]:
-        context += tokens([turn])[0]
-    return context[-G.CONTEXT_TOKENS:]
-
-
-def message_windows(m: Message, tokens: Tokens, rng: np.random.Generator, max_negative_windows: int = 3
-                    ) -> list[tuple[tuple, int]]:
-    """(window, label) rows of one message, as the guard will read it.
-
-    Positives: the window(s) that hold the whole message (short texts), or the first whole-message window of a
-    long post; multi-turn positives: the whole-context window. Negatives: every window (at most a few, sampled)."""
-    content = tokens([m.text])[0]
-    if m.role == "user" and m.history:
-        context = _user_context_ids(tokens, m.history)
-        full = context + content
-        windows = G.host_windows(full, len(context))
-        if m.label:
-            big = G.WINDOW_SCALES[1][0]
-            return [(tuple(full[-big:]), 1)]
-        return [(w, 0) for w in _sample(windows, max_negative_windows, rng)]
-    if m.label:
-        return [(tuple(content[:FIRST_WINDOW]), 1)]
-    windows = G.host_windows(content)
-    keep = [windows[0]] + _sample(windows[1:], max_negative_windows - 1, rng)
-    return [(w, 0) for w in keep]
-
-
-def composite_rows(positives: Sequence[Message], fillers: Sequence[str], tokens: Tokens, rng: np.random.Generator,
-                   role: str, source: str) -> list[tuple[tuple, int, Message]]:
-    """Long messages: ordinary sentences, then a written message. Windows holding the whole written span take its
-    label; windows that miss it are negatives; windows cutting it are left out."""
-    rows = []
-    for m in positives:
-        span = tokens([m.text])[0]
-        filler: list[int] = []
-        target = int(rng.integers(20, 140))
-        while len(filler) < target:
-            filler += tokens([fillers[int(rng.integers(len(fillers)))]])[0]
-        before = rng.random() < 0.8  # mostly at the end, sometimes at the start
-        content = filler + span if before else span + filler
-        lo = len(filler) if before else 0
-        hi = lo + len(span)
-        for size, stride in G.active_scales(len(content)):
-            for k in range(len(content) // stride + 1):
-                off = k * stride
-                if off >= len(content) or (k > 0 and off - stride + size >= len(content)):
-                    break
-                end = min(off + size, len(content))
-                if off <= lo and end >= hi:
-                    rows.append((tuple(content[off:end]), m.label, m))
-                elif (end <= lo or off >= hi) and rng.random() < 0.3:
-                    rows.append((tuple(content[off:end]), 0, m))
-    return rows
-
-
-# ============================================================================ training (JAX)
-
-
-@dataclasses.dataclass(frozen=True)
-class FitOptions:
-    hidden_dim: int = 256
-    dropout: float = 0.2
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-3
-    batch_size: int = 512
-    max_epochs: int = 60
-    patience: int = 6
-    category_weight: float = 0.5
-
-
-def _forward(params, x, rng, dropout):
-    h = jax.nn.relu(x @ params["w_hidden"] + params["b_hidden"])
-    if rng is not None and dropout > 0:
-        keep = jax.random.bernoulli(rng, 1.0 - dropout, h.shape)
-        h = jnp.where(keep, h / (1.0 - dropout), 0.0)
-    return h @ params["w_out"] + params["b_out"]
-
-
-def _loss(params, batch, rng, dropout, category_weight):
-    logits = _forward(params, batch["x"], rng, dropout)
-    main = optax.sigmoid_binary_cross_entropy(logits[:, 0], batch["y"])
-    cats = optax.sigmoid_binary_cross_entropy(logits[:, 1:], batch["cats"]).mean(axis=-1) * batch["has_cats"]
-    w = batch["w"]
-    return jnp.sum(w * (main + category_weight * cats)) / jnp.maximum(jnp.sum(w), 1e-9)
-
-
-@functools.partial(jax.jit, static_argnames=("optimizer", "dropout", "category_weight"))
-def _step(params, opt_state, batch, rng, *, optimizer, dropout, category_weight):
-    loss, grads = jax.value_and_grad(_loss)(params, batch, rng, dropout, category_weight)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-def fit_head(rng: jax.Array, train: dict, dev: dict, opts: FitOptions, log: Callable[[str], None]) -> tuple[dict, dict]:
-    """MLP (in -> hidden -> 1 + 6) with weighted sigmoid losses; early stopping on the dev loss."""
-    in_dim = train["x"].shape[1]
-    k_init, k_loop = jax.random.split(rng)
-    k1, k2 = jax.random.split(k_init)
-    params = {"w_hidden": jax.random.normal(k1, (in_dim, opts.hidden_dim)) * np.sqrt(2.0 / in_dim),
-              "b_hidden": jnp.zeros((opts.hidden_dim,)),
-              "w_out": jax.random.normal(k2, (opts.hidden_dim, 7)) * 0.01,
-              "b_out": jnp.zeros((7,))}
-    optimizer = optax.adamw(opts.learning_rate, weight_decay=opts.weight_decay)
-    opt_state = optimizer.init(params)
-    dev_loss_fn = jax.jit(lambda p, b: _loss(p, b, None, 0.0, opts.category_weight))
-    n = len(train["y"])
-    best, best_params, stale, history = np.inf, params, 0, []
-    for epoch in range(opts.max_epochs):
-        k_loop, k_perm = jax.random.split(k_loop)
-        order = np.asarray(jax.random.permutation(k_perm, n))
-        for lo in range(0, n, opts.batch_size):
-            idx = order[lo:lo + opts.batch_size]
-            pad = opts.batch_size - len(idx)
-            batch = {k: np.concatenate([v[idx], np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in train.items()}
-            k_loop, k_drop = jax.random.split(k_loop)
-            params, opt_state, _ = _step(params, opt_state, batch, k_drop, optimizer=optimizer,
-                                         dropout=opts.dropout, category_weight=opts.category_weight)
-        dev_loss = float(dev_loss_fn(params, dev))
-        history.append(dev_loss)
-        if dev_loss < best - 1e-5:
-            best, best_params, stale = dev_loss, params, 0
-        else:
-            stale += 1
-            if stale >= opts.patience:
-                break
-    log(f"  stopped after {len(history)} epochs, best dev loss {best:.4f}")
-    return jax.device_get(best_params), {"epochs": len(history), "best_dev_loss": best, "dev_loss": history,
-                                         "last_params": jax.device_get(params)}
-
-
-# ============================================================================ assembling the data
-
-
-def build_rows(messages: list[Message], tokens: Tokens, seed: int) -> tuple[list[WindowRow], list[WindowRow]]:
-    """(user rows, reply rows) with per-source weights (see REWARDS.md for the weighting)."""
-    rng = np.random.default_rng(seed + 5)
-    user_rows: list[WindowRow] = []
-    reply_rows: list[WindowRow] = []
-    for m in messages:
-        for w, label in message_windows(m, tokens, rng):
-            weight = WRITTEN_NEGATIVE_WEIGHT if (not label and m.role == "user" and m.source.startswith("written")) else 1.0
-            if m.source.startswith("written_issue11"):
-                weight = ISSUE_WEIGHT
-            row = WindowRow(w, label, weight, m.source, m.split, m.categories if label else ())
-            if m.role == "user":
-                user_rows.append(row)
-            else:
-                row.user_window = tuple(tokens([m.history[-1]])[0][:FIRST_WINDOW]) if m.history else None
-                reply_rows.append(row)
-    # long messages: ordinary dataset sentences around a written message
-    fillers = [m.text for m in messages if m.source in ("goemotions", "empatheticdialogues", "mesc_client")
-               and m.split == "train" and len(m.text.split()) >= 4]
-    therapist = [m.text for m in messages if m.source in ("esconv_supporter", "annomi_therapist") and m.split == "train"]
-    for split in sorted({m.split for m in messages if m.source.startswith("written")}):
-        for role, filler_pool, prefix in (("user", fillers, "written_crisis"), ("user", fillers, "written_negative"),
-                                          ("reply", therapist, "written_harmful"),
-                                          ("reply", therapist, "written_supportive")):
-            chosen = [m for m in messages if m.split == split and m.source.startswith(prefix)]
-            chosen = _sample(chosen, len(chosen) // 2, rng)
-            for w, label, m in composite_rows(chosen, filler_pool, tokens, rng, role, "composite"):
-                row = WindowRow(w, label, 0.5 * (WRITTEN_NEGATIVE_WEIGHT if not label and role == "user" else 1.0),
-                                f"composite:{m.source}",
-                                split, m.categories if label else ())
-                (user_rows if role == "user" else reply_rows).append(row)
-    # replies also appear with a random user message as context (the label does not change)
-    contexts: dict[str, list[Message]] = {}
-    for m in messages:
-        if m.role == "user" and m.source.startswith(("written_crisis", "written_negative")):
-            contexts.setdefault(m.split, []).append(m)
-    extra = []
-    for r in reply_rows:
-        if r.source.startswith(("written_harmful", "written_supportive")) and r.user_window is None:
-            pool = contexts[r.split]
-            c = pool[int(rng.integers(len(pool)))]
-            extra.append(dataclasses.replace(r, user_window=tuple(tokens([c.text])[0][:FIRST_WINDOW])))
-    reply_rows += extra
-    _weight(user_rows, {"sdcnl_suicidewatch": 0.25, "sdcnl_suicidewatch_title": 0.1, "sdcnl_mined_sentence": 0.25,
-                        "cssrs_": 0.15}, {"sdcnl_depression": 0.015, "dataset_hard_words": 0.15, "__datasets__": DATASET_NEGATIVE_SHARE},
-            tokens)
-    _weight(reply_rows, {}, {"__datasets__": REPLY_DATASET_NEGATIVE_SHARE}, tokens)
-    return user_rows, reply_rows
-
-
-def _weight(rows: list[WindowRow], positive_shares: dict, negative_shares: dict, tokens: Tokens) -> None:
-    """Dataset sources get a total weight that is a share of the written examples' total (per split); inside a
-    negative dataset, windows with crisis words (HARD_WORDS) count HARD_NEGATIVE_FACTOR times more."""
-    hard = set()
-    for word in HARD_WORDS:
-        hard.update(tokens([word])[0])
-    written = ("written", "composite")
-    w_pos_all = sum(r.weight for r in rows if r.label and r.source.startswith(written)) or 1.0
-    w_neg_all = sum(r.weight for r in rows if not r.label and r.source.startswith(written)) or 1.0
-    for split in ("train", "dev"):  # dataset splits; written rows sit in folds and keep their weights
-        part = [r for r in rows if r.split == split]
-        scale = 1.0 if split == "train" else 1.0 / K_FOLDS
-        w_pos, w_neg = w_pos_all * scale, w_neg_all * scale
-        for prefix, share in positive_shares.items():
-            group = [r for r in part if r.source.startswith(prefix) and r.label]
-            for r in group:
-                r.weight = share * w_pos / len(group)
-        named = [p for p in negative_shares if p != "__datasets__"]
-        for prefix in named:
-            group = [r for r in part if r.source.startswith(prefix) and not r.label]
-            for r in group:
-                r.weight = negative_shares[prefix] * w_neg / len(group)
-        rest = [r for r in part if not r.label and not r.source.startswith(written)
-                and not any(r.source.startswith(p) for p in named)]
-        sources = sorted({r.source for r in rest})
-        for s in sources:
-            group = [r for r in rest if r.source == s]
-            boost = [HARD_NEGATIVE_FACTOR if hard.intersection(r.window) else 1.0 for r in group]
-            for r, b in zip(group, boost):
-                r.weight = negative_shares["__datasets__"] * w_neg / len(sources) * b / sum(boost)
-
-
-def arrays(rows: list[WindowRow], emb: dict, names: tuple, reply: bool) -> dict:
-    x = np.stack([emb[r.window] for r in rows])
-    if reply:
-        zeros = np.zeros((G.EMBED_DIM,), np.float32)
-        ctx = np.stack([emb[r.user_window] if r.user_window is not None else zeros for r in rows])
-        x = np.concatenate([x, ctx], axis=1)
-    cats = np.zeros((len(rows), len(names)), np.float32)
-    has = np.zeros((len(rows),), np.float32)
-    for i, r in enumerate(rows):
-        known = [names.index(c) for c in r.categories if c in names]
-        if r.label and known:
-            cats[i, known] = 1.0
-            has[i] = 1.0
-    return {"x": x.astype(np.float32), "y": np.asarray([r.label for r in rows], np.float32), "cats": cats,
-            "has_cats": has, "w": np.asarray([r.weight for r in rows], np.float32)}
-
-
-# ============================================================================ development scoring
-
-
-def previous_sets() -> dict[str, tuple[list[str], list[str]]]:
-    """The hand-written sets of tests/test_safety.py and lexicon/dev_probes.json (never guard training data)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_safety_sets", os.path.join(REPO, "tests", "test_safety.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = {"A": (mod.HELDOUT_CRISIS, mod.HELDOUT_HARD_NEGATIVES), "B": (mod.HELDOUT_B_CRISIS, mod.HELDOUT_B_HARD_NEGATIVES),
-           "C": (mod.HELDOUT_C_CRISIS, mod.HELDOUT_C_HARD_NEGATIVES), "D": (mod.HELDOUT_D_CRISIS, mod.HELDOUT_D_HARD_NEGATIVES)}
-    with open(TH.DEV_PROBES_FILE, encoding="utf-8") as f:
-        probes = json.load(f)
-    out["dev_probes"] = (probes["crisis"], probes["hard_negatives"])
-    return out
-
-
-ISSUE_MISSED = (
-    "I gave my guitar and my cat to my friend because I won't be needing them anymore.",
-    "I looked up how many of my sleeping tablets it would take.",
-    "I can't do this anymore. I have the gun in the drawer.",
-    "I took a bunch of paracetamol an hour ago.",
-    "I'm standing on the roof right now.",
-)
-
-
-def dev_items(messages: list[Message], sizes: dict, seed: int) -> list[dict]:
-    """Threshold data: every written message (scored out of fold), a sample of dataset dev text ("ordinary"), and
-    the earlier hand-written sets (previous_pos / previous_neg)."""
-    rng = np.random.default_rng(seed + 7)
-    items = []
-    for m in messages:
-        if m.source.startswith("written"):
-            group = "written_" + ("pos" if m.label else "neg")
-        elif m.split == "dev" and not m.label and m.source != "sdcnl_depression":
-            group = "ordinary"  # noisy subreddit labels never pick thresholds
-        else:
-            continue
-        items.append({"message": m, "group": group})
-    ordinary = [i for i in items if i["group"] == "ordinary"]
-    keep = {id(i) for i in _sample(ordinary, sizes["dev_ordinary"], rng)}
-    items = [i for i in items if i["group"] != "ordinary" or id(i) in keep]
-    for name, (pos, neg) in previous_sets().items():
-        items += [{"message": Message(t, 1, "user", name, "previous"), "group": "previous_pos"} for t in pos]
-        items += [{"message": Message(t, 0, "user", name, "previous"), "group": "previous_neg"} for t in neg]
-    for it in items:
-        m = it["message"]
-        it.update(role=m.role, text=m.text, history=list(m.history), label=m.label, source=m.source, split=m.split)
-    return items
-
-
-def lexicon_evidence(guard: G.Guard, items: list[dict], log: Callable[[str], None]) -> None:
-    """item["evidence"]: the lexicon signals of each item (the head probability is filled in later)."""
-    start = time.time()
-    for i, item in enumerate(items):
-        item["evidence"] = guard.evidence(item["text"], item["role"], [("user", h) for h in item["history"]])
-        if i and i % 1000 == 0:
-            log(f"  lexicon signals {i}/{len(items)} ({time.time() - start:.0f}s)")
-
-
-def scoring_windows(m: Message, tokens: Tokens) -> tuple[list[tuple], tuple | None]:
-    """Every window the guard reads for this message (and, for a reply, the user message's window)."""
-    content = tokens([m.text])[0]
-    if m.role == "user" and m.history:
-        context = _user_context_ids(tokens, m.history)
-        return G.host_windows(context + content, len(context)), None
-    user_window = tuple(tokens([m.history[-1]])[0][:FIRST_WINDOW]) if m.role == "reply" and m.history else None
-    return G.host_windows(content), user_window
-
-
-def predict_messages(head: dict, messages: Sequence[Message], tokens: Tokens, embedder: "WindowEmbedder",
-                     reply: bool) -> np.ndarray:
-    """[N] max-window probability of each message, as guard.crisis_scores / reply_harm_scores compute it."""
-    if not messages:
-        return np.zeros(0)
-    parts = [scoring_windows(m, tokens) for m in messages]
-    rows, owner, users = [], [], []
-    for i, (windows, user_window) in enumerate(parts):
-        rows += windows
-        owner += [i] * len(windows)
-        users += [user_window] * len(windows)
-    x = embedder(rows)
-    if reply:
-        known = [u for u in users if u is not None]
-        emb = dict(zip(known, embedder(known))) if known else {}
-        zeros = np.zeros((G.EMBED_DIM,), np.float32)
-        x = np.concatenate([x, np.stack([emb[u] if u is not None else zeros for u in users])], axis=1)
-    p = np.asarray(jax.nn.sigmoid(_forward(head, jnp.asarray(x), None, 0.0)[:, 0]))
-    out = np.zeros(len(messages))
-    np.maximum.at(out, np.asarray(owner), p)
-    return out
-
-
-def choose_thresholds(items: list[dict], role: str, base: dict) -> tuple[dict, list]:
-    """Grid over the head threshold, the lexicon supports and the idiom threshold (the rule of `guard.decide`,
-    vectorised). Keep settings with dev false alarms <= MAX_DEV_FALSE_ALARMS on hand-written hard negatives and
-    <= MAX_DEV_ORDINARY_FLAGS on dataset text; take the highest recall on hand-written dev positives, then fewer
-    false alarms, then the higher head threshold."""
-    key = "crisis" if role == "user" else "reply"
-    sel = [it for it in items if it["role"] == role]
-    p = np.asarray([it["evidence"]["probability"] for it in sel])
-    lex = np.asarray([bool(it["evidence"]["lexicon"]) for it in sel])
-    idiom = np.asarray([bool(it["evidence"].get("idiom")) for it in sel]) & ~lex
-    weak = np.asarray([bool(it["evidence"].get("weak")) for it in sel])
-    group = np.asarray([it["group"] for it in sel])
-    pos, neg, ordinary = np.char.endswith(group, "_pos"), np.char.endswith(group, "_neg"), group == "ordinary"
-    idioms = (None, 0.9, 0.95, 0.98, 2.0) if role == "user" else (None,)
-    weaks = (0.3, 0.4, 0.5, 0.6, 0.7, 2.0) if role == "user" else (2.0,)
-    grid = []
-    for t in np.round(np.arange(0.05, 0.991, 0.01), 3):
-        for s in (0.0, 0.05, 0.1, 0.2, 0.3, 2.0):
-            for i in idioms:
-                for wk in weaks:
-                    idiom_t = float(t) if i is None else max(float(t), i)
-                    weak_t = min(float(wk), float(t)) if wk < 2 else 2.0
-                    alone = np.where(idiom, idiom_t, t)
-                    flag = (p >= alone) | (lex & (p >= s)) | (weak & (p >= weak_t))
-                    recall, fa = flag[pos].mean(), flag[neg].mean()
-                    ordinary_rate = flag[ordinary].mean() if ordinary.any() else 0.0
-                    grid.append({"threshold": float(t), "lexicon_support": float(s), "idiom": idiom_t,
-                                 "weak_support": weak_t, "recall": float(recall), "false_alarms": float(fa),
-                                 "ordinary_flags": float(ordinary_rate),
-                                 "ok": bool(fa <= MAX_DEV_FALSE_ALARMS and ordinary_rate <= MAX_DEV_ORDINARY_FLAGS)})
-    ok = [g for g in grid if g["ok"]] or sorted(grid, key=lambda g: (g["false_alarms"], -g["recall"]))[:1]
-    best = max(ok, key=lambda g: (g["recall"], -g["false_alarms"], g["threshold"], -g["idiom"], g["weak_support"]))
-    chosen = {key: best["threshold"], f"{key}_lexicon_support": best["lexicon_support"]}
-    if role == "user":
-        chosen["crisis_idiom"] = best["idiom"]
-        chosen["crisis_weak_support"] = best["weak_support"]
-    return chosen, grid
-
-
-def dev_report(items: list[dict], thresholds: dict) -> dict:
-    """Flag rates per group (written: out-of-fold; previous sets per name; ordinary dataset text)."""
-    out = {}
-    for role in ("user", "reply"):
-        per = {}
-        for it in items:
-            if it["role"] != role:
-                continue
-            r = G.decide(it["evidence"], role, thresholds)
-            flag = r.crisis if role == "user" else r.harmful
-            k = f"{it['group']}:{it['source']}" if it["group"].startswith("previous") else it["group"]
-            if it["group"].startswith("written") and it["label"]:
-                k += ":" + (it["message"].categories[0] if it["message"].categories else it["source"])
-            per.setdefault(k, []).append(int(flag))
-        out[role] = {k: {"flag_rate": round(float(np.mean(v)), 4), "n": len(v)} for k, v in sorted(per.items())}
-    return out
-
-
-# ============================================================================ held-out scoring (PROTOCOL.md)
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -863,71 +399,30 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def evaluate_heldout(folder: str, guard: G.Guard, weights_path: str, log: Callable[[str], None]) -> dict:
-    """Score the frozen sets once: rates with Wilson intervals, per-category and per-kind tables, every miss and
-    false alarm verbatim, latency. Also the previous detector (safety.CrisisDetector + encourages_harm)."""
-    verify_hashes(folder)
-    sets = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"))
-            for name in ("crisis", "hard_negatives", "harmful_replies", "supportive_replies")}
-    # warm-up: one call per padded length the sets need
-    for rows in sets.values():
-        for row in rows[:3]:
-            guard.check(row["text"], row["role"], row["history"])
-    results = {}
-    latency = {}
-    for name, rows in sets.items():
-        for row in rows:
-            guard.check(row["text"], row["role"], row["history"])  # compile every bucket before timing
-        for row in rows:
-            start = time.perf_counter()
-            r = guard.check(row["text"], row["role"], row["history"])
-            ms = (time.perf_counter() - start) * 1000
-            row["result"] = r
-            latency.setdefault(f"{row['role']}:{row.get('kind', 'reply')}", []).append(ms)
-    def flagged(row):
-        return row["result"].crisis if row["role"] == "user" else row["result"].harmful
 
-    def rate(rows):
-        k = sum(flagged(r) for r in rows)
-        lo, hi = wilson(k, len(rows))
-        return {"k": k, "n": len(rows), "rate": round(k / max(len(rows), 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+def previous_sets() -> dict[str, tuple[list[str], list[str]]]:
+    """The hand-written sets of tests/test_safety.py and lexicon/dev_probes.json (never guard training data)."""
+    import importlib.util
 
-    out = {"weights_sha256": hashlib.sha256(open(weights_path, "rb").read()).hexdigest(),
-           "crisis_recall": rate(sets["crisis"]), "crisis_false_alarms": rate(sets["hard_negatives"]),
-           "reply_recall": rate(sets["harmful_replies"]), "reply_false_alarms": rate(sets["supportive_replies"])}
-    per_cat = {}
-    for row in sets["crisis"]:
-        gold = row["categories"][0]
-        d = per_cat.setdefault(gold, {"n": 0, "flagged": 0, "primary_category_reported": 0, "reported": {}})
-        d["n"] += 1
-        d["flagged"] += int(flagged(row))
-        if flagged(row):
-            d["primary_category_reported"] += int(gold in row["result"].categories)
-            for c in row["result"].categories:
-                d["reported"][c] = d["reported"].get(c, 0) + 1
-    out["crisis_by_category"] = per_cat
-    out["crisis_by_kind"] = {k: rate([r for r in sets["crisis"] if r["kind"] == k]) for k in ("short", "long", "multi_turn")}
-    out["negatives_by_kind"] = {k: rate([r for r in sets["hard_negatives"] if r["kind"] == k]) for k in ("short", "long", "multi_turn")}
-    out["negatives_by_topic"] = {t: rate([r for r in sets["hard_negatives"] if r["topic"] == t])
-                                 for t in sorted({r["topic"] for r in sets["hard_negatives"]})}
-    out["reply_by_category"] = {c: rate([r for r in sets["harmful_replies"] if r["categories"][0] == c])
-                                for c in G.REPLY_CATEGORIES}
-    out["misses"] = [{"id": r["id"], "text": r["text"], "history": r["history"], "score": round(r["result"].score, 4)}
-                     for name in ("crisis", "harmful_replies") for r in sets[name] if not flagged(r)]
-    out["false_alarms"] = [{"id": r["id"], "text": r["text"], "history": r["history"], "score": round(r["result"].score, 4),
-                            "categories": list(r["result"].categories), "reasons": list(r["result"].reasons)}
-                           for name in ("hard_negatives", "supportive_replies") for r in sets[name] if flagged(r)]
-    out["latency_ms"] = {k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "p50": round(float(np.median(v)), 1),
-                             "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(np.max(v)), 1)}
-                         for k, v in sorted(latency.items())}
-    all_ms = [x for v in latency.values() for x in v]
-    out["latency_ms"]["all"] = {"n": len(all_ms), "mean": round(float(np.mean(all_ms)), 1),
-                                "p50": round(float(np.median(all_ms)), 1), "p95": round(float(np.percentile(all_ms, 95)), 1)}
-    out["previous_detector"] = previous_detector(sets, guard)
-    for rows in sets.values():
-        for row in rows:
-            row.pop("result", None)
+    spec = importlib.util.spec_from_file_location("_safety_sets", os.path.join(REPO, "tests", "test_safety.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = {"A": (mod.HELDOUT_CRISIS, mod.HELDOUT_HARD_NEGATIVES), "B": (mod.HELDOUT_B_CRISIS, mod.HELDOUT_B_HARD_NEGATIVES),
+           "C": (mod.HELDOUT_C_CRISIS, mod.HELDOUT_C_HARD_NEGATIVES), "D": (mod.HELDOUT_D_CRISIS, mod.HELDOUT_D_HARD_NEGATIVES)}
+    with open(E.DEV_PROBES_FILE, encoding="utf-8") as f:
+        probes = json.load(f)
+    out["dev_probes"] = (probes["crisis"], probes["hard_negatives"])
     return out
+
+
+ISSUE_MISSED = (
+    "I gave my guitar and my cat to my friend because I won't be needing them anymore.",
+    "I looked up how many of my sleeping tablets it would take.",
+    "I can't do this anymore. I have the gun in the drawer.",
+    "I took a bunch of paracetamol an hour ago.",
+    "I'm standing on the roof right now.",
+)
+
 
 
 def previous_detector(sets: dict, guard: G.Guard) -> dict:
@@ -951,17 +446,694 @@ def previous_detector(sets: dict, guard: G.Guard) -> dict:
             "reply_recall": harm_rate(sets["harmful_replies"]), "reply_false_alarms": harm_rate(sets["supportive_replies"])}
 
 
-# ============================================================================ main
+
+
+# ============================================================================ round-2 data
+
+
+def _variants(text: str, rng: np.random.Generator, count: int = 2) -> list[str]:
+    """The text plus casual variants (lowercase, final punctuation dropped or added), distinct."""
+    forms = [text, text.lower().rstrip(".!"), text[0].upper() + text[1:] if text else text,
+             text.rstrip(".!?") + ("." if rng.random() < 0.5 else "!") if text and text[-1] not in "?" else text]
+    out = list(dict.fromkeys(f for f in forms if f))
+    return [out[0]] + [out[int(i)] for i in rng.permutation(len(out) - 1)[:count - 1] + 1] if len(out) > 1 else out
+
+
+def plain_messages(seed: int) -> list[Message]:
+    """tools/guard_examples_v2.json: plain sentences; 20% of each list (stable hash) is development data."""
+    rng = np.random.default_rng(seed + 21)
+    with open(PLAIN_EXAMPLES, encoding="utf-8") as f:
+        spec = json.load(f)
+    out = []
+
+    def split(text):
+        return _stable_split("v2|" + text, seed, 0.2)
+
+    for cat, texts in spec["user_crisis"].items():
+        cat = "suicidal_ideation" if cat == "suicidal_ideation_goodbye" else cat
+        for t in texts:
+            out += [Message(v, 1, "user", f"v2_crisis:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
+    for topic, texts in spec["user_negative"].items():
+        for t in texts:
+            out += [Message(v, 0, "user", f"v2_negative:{topic}", split(t)) for v in _variants(t, rng)]
+    for item in spec["user_multi_turn"]:
+        s = split(item["text"] + "|" + "|".join(item["history"]))
+        out.append(Message(item["text"], int(item["crisis"]), "user", "v2_multi_turn", s,
+                           tuple(item.get("categories", ())), tuple(item["history"])))
+    for cat, texts in spec["reply_harmful"].items():
+        for t in texts:
+            out += [Message(v, 1, "reply", f"v2_harmful:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
+    for topic, texts in spec["reply_supportive"].items():
+        for t in texts:
+            out += [Message(v, 0, "reply", f"v2_supportive:{topic}", split(t)) for v in _variants(t, rng)]
+    for item in spec["reply_pairs"]:
+        out.append(Message(item["reply"], int(item["harmful"]), "reply", "v2_pair", split(item["user"] + item["reply"]),
+                           tuple(item.get("categories", ())), (item["user"],)))
+    return out
+
+
+def spent_set_messages(seed: int, folder: str = SPENT_SET) -> list[Message]:
+    """evalsets/guard_v1 (spent): half of the rows (stable hash of the id) train, half are development data."""
+    out = []
+    for name, label in (("crisis", 1), ("hard_negatives", 0), ("harmful_replies", 1), ("supportive_replies", 0)):
+        for row in read_jsonl(os.path.join(folder, f"{name}.jsonl")):
+            history = tuple(t for r, t in row["history"] if (r == "user"))
+            split = _stable_split("v1|" + row["id"], seed, 0.5)
+            kind = row.get("kind", "reply")
+            out.append(Message(row["text"], label, row["role"], f"v1_{name}:{kind}", split,
+                               tuple(row.get("categories", ())) if label else (), history))
+    return out
+
+
+def previous_set_messages(seed: int) -> list[Message]:
+    out = []
+    for name, (pos, neg) in previous_sets().items():
+        for texts, label in ((pos, 1), (neg, 0)):
+            for t in texts:
+                out.append(Message(t, label, "user", f"previous_{name}", _stable_split("prev|" + t, seed, 0.5),
+                                   ("suicidal_ideation",) if label else ()))
+    return out
+
+
+def round1_messages(seed: int, variants: int) -> list[Message]:
+    """Round-1 written patterns: fold0 is development data, the other folds train."""
+    out = written_messages(seed, variants)
+    for m in out:
+        m.split = "dev" if m.split == "fold0" else "train"
+        m.source = "r1_" + m.source
+    return out
 
 
 DEFAULT_SIZES = {
-    "cssrs_posts_per_user": 8, "depression_severity": 1500, "goemotions_train": 6000, "goemotions_dev": 1200,
-    "ed_train": 5000, "ed_dev": 800, "ed_listener_train": 1500, "ed_listener_dev": 300,
-    "esconv_user_train": 2000, "esconv_user_dev": 400, "esconv_reply_train": 2000, "esconv_reply_dev": 400,
-    "counselchat_q_train": 600, "counselchat_q_dev": 150, "counselchat_a_train": 1200, "counselchat_a_dev": 300,
-    "annomi_train": 1000, "annomi_dev": 250, "mesc_train": 1500, "mesc_dev": 300, "dev_ordinary": 1500,
-    "hard_words_train": 4000, "hard_words_dev": 500,
+    "cssrs_posts_per_user": 3, "depression_severity": 400, "goemotions_train": 1500, "goemotions_dev": 400,
+    "ed_train": 1200, "ed_dev": 300, "ed_listener_train": 700, "ed_listener_dev": 150,
+    "esconv_user_train": 600, "esconv_user_dev": 150, "esconv_reply_train": 800, "esconv_reply_dev": 200,
+    "counselchat_q_train": 200, "counselchat_q_dev": 60, "counselchat_a_train": 300, "counselchat_a_dev": 80,
+    "annomi_train": 400, "annomi_dev": 100, "mesc_train": 500, "mesc_dev": 150,
+    "hard_words_train": 1500, "hard_words_dev": 300,
 }
+DATASET_POSITIVE_CAP = {"sdcnl_suicidewatch": 900, "sdcnl_suicidewatch_title": 300, "cssrs_": 700,
+                        "sdcnl_depression": 300}
+
+
+def _weight_of(m: Message, label: int) -> float:
+    s = m.source
+    if s.startswith("r1_written_issue11"):
+        return ISSUE_WEIGHT
+    if s.startswith(("v2_", "v1_", "r1_", "previous_")):
+        return 1.5 if (not label and m.role == "user") else 1.0
+    if s.startswith(("sdcnl_suicidewatch", "cssrs_")):
+        return 0.3 if label else 0.3
+    if s == "sdcnl_mined_sentence":
+        return 0.5
+    if s == "sdcnl_depression":
+        return 0.1
+    if s == "dataset_hard_words":
+        return 1.0
+    return 0.6 if m.role == "user" else 0.8
+
+
+# ============================================================================ windows
+
+
+@dataclasses.dataclass
+class Row:
+    ids: tuple  # [CLS] content [SEP]
+    label: int
+    weight: float
+    role: str
+    split: str
+    source: str
+    categories: tuple = ()
+
+
+def message_content(m: Message, tokens: Tokens, sep_id: int) -> tuple[list[int], int]:
+    """(content ids, start) exactly as guard.Guard builds them: earlier turns (+[SEP] each, last CONTEXT_TOKENS)
+    then the message."""
+    current = tokens([m.text])[0]
+    turns = m.history[-G.CONTEXT_TURNS:] if m.role == "user" else m.history[-1:]
+    context: list[int] = []
+    for t in turns:
+        ids = tokens([t])[0]
+        if ids:
+            context += ids + [sep_id]
+    context = context[-G.CONTEXT_TOKENS:] if current else []
+    return context + current, len(context)
+
+
+def message_rows(m: Message, tokens: Tokens, special, rng, max_negative_windows: int = 3) -> list[Row]:
+    cls_id, sep_id, _ = special
+    content, start = message_content(m, tokens, sep_id)
+    windows = G.host_windows(content, start)
+    w = _weight_of(m, m.label)
+    if m.label and len(windows) > 1:
+        # a long positive: where the crisis is known (round-1 long sets: the end), that window; dataset posts: the
+        # first window (noisy); otherwise every window (the positive span is short or unknown)
+        if m.source.startswith("v1_") and m.source.endswith(":long"):
+            windows = [windows[-1]]
+        elif not m.source.startswith(("v2_", "v1_", "r1_", "previous_")):
+            windows = windows[:1]
+    elif not m.label and len(windows) > max_negative_windows:
+        windows = [windows[0]] + _sample(windows[1:], max_negative_windows - 1, rng)
+    return [Row((cls_id, *win, sep_id), m.label, w, m.role, m.split, m.source, m.categories if m.label else ())
+            for win in windows]
+
+
+def composite_rows(spans: Sequence[Message], fillers: Sequence[str], tokens: Tokens, special, rng,
+                   source: str) -> list[Row]:
+    """Long messages: ordinary sentences with a written message at the end (80%) or start. Windows holding the
+    whole span take its label; windows that miss it are negatives (sampled); windows cutting it are left out."""
+    cls_id, sep_id, _ = special
+    rows = []
+    size, stride = G.WINDOW_SCALES[0]
+    for m in spans:
+        span = tokens([m.text])[0]
+        filler: list[int] = []
+        target = int(rng.integers(40, 220))
+        while len(filler) < target:
+            filler += tokens([fillers[int(rng.integers(len(fillers)))]])[0]
+        before = rng.random() < 0.8
+        content = filler + span if before else span + filler
+        lo = len(filler) if before else 0
+        hi = lo + len(span)
+        for win_off in range(0, len(content), stride):
+            end = min(win_off + size, len(content))
+            if win_off > 0 and win_off - stride + size >= len(content):
+                break
+            win = content[win_off:end]
+            if win_off <= lo and end >= hi:
+                rows.append(Row((cls_id, *win, sep_id), m.label, 0.7 * _weight_of(m, m.label), m.role, m.split,
+                                f"{source}:{m.source}", m.categories if m.label else ()))
+            elif (end <= lo or win_off >= hi) and rng.random() < 0.3:
+                rows.append(Row((cls_id, *win, sep_id), 0, 0.5, m.role, m.split, f"{source}:filler"))
+    return rows
+
+
+def build_rows(messages: list[Message], tokens: Tokens, special, seed: int) -> list[Row]:
+    rng = np.random.default_rng(seed + 5)
+    rows = []
+    for m in messages:
+        rows += message_rows(m, tokens, special, rng)
+    fillers = [m.text for m in messages if m.source in ("goemotions", "empatheticdialogues", "mesc_client")
+               and len(m.text.split()) >= 4]
+    therapist = [m.text for m in messages if m.source in ("esconv_supporter", "annomi_therapist")]
+    for split in ("train", "dev"):
+        for role, pool, prefixes in (("user", fillers, ("v2_crisis", "v2_negative", "r1_written_crisis",
+                                                         "r1_written_negative", "v1_crisis:short",
+                                                         "v1_hard_negatives:short")),
+                                     ("reply", therapist, ("v2_harmful", "v2_supportive", "r1_written_harmful",
+                                                           "r1_written_supportive"))):
+            chosen = [m for m in messages if m.split == split and m.role == role and m.source.startswith(prefixes)
+                      and not m.history]
+            chosen = _sample(chosen, int(len(chosen) * 0.35), rng)
+            rows += [r for r in composite_rows(chosen, [f for f in pool if f], tokens, special, rng, "composite")
+                     if r.split == split]
+    # written replies also appear after a random written user message (the label does not change)
+    users = [m.text for m in messages if m.role == "user" and m.source.startswith(("v2_", "r1_written"))]
+    extra = []
+    for m in messages:
+        if m.role == "reply" and not m.history and m.source.startswith(("v2_", "r1_written", "v1_")) \
+                and rng.random() < 0.5:
+            ctx = dataclasses.replace(m, history=(users[int(rng.integers(len(users)))],))
+            extra += message_rows(ctx, tokens, special, rng)
+    return rows + extra
+
+
+# ============================================================================ lower-layer cache
+
+
+STATE_BUCKETS = (16, 24, 32, 48, 64, 98)
+MAX_LONG_DATASET_WINDOWS = 900  # training windows of 64+ tokens from dataset text (CPU budget)
+
+
+def _bucket(n: int) -> int:
+    return next(b for b in STATE_BUCKETS if n <= b)
+
+
+class LowerStates:
+    """Frozen lower-layer states of windows ([CLS] content [SEP]), float16, cached by window under cache_dir."""
+
+    def __init__(self, encoder, cache_dir: str, batch_size: int = 64):
+        self.encoder, self.cache_dir, self.batch_size = encoder, cache_dir, batch_size
+        os.makedirs(cache_dir, exist_ok=True)
+        self.index: dict[bytes, tuple[int, int]] = {}
+        self.shards: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        for path in sorted(glob.glob(os.path.join(cache_dir, "lower-*.npz"))):
+            with np.load(path, allow_pickle=False) as z:
+                keys, states, lengths = z["keys"], z["states"], z["lengths"]
+            for i, k in enumerate(keys):
+                self.index[k.tobytes()] = (len(self.shards), i)
+            self.shards.append(states)
+            self.lengths.append(lengths)
+        self.fn = jax.jit(G.lower_states, static_argnums=0)
+        self.seconds = 0.0
+
+    @staticmethod
+    def key(ids: tuple) -> bytes:
+        return hashlib.sha1(np.asarray(ids, np.int32).tobytes()).digest()
+
+    def ensure(self, windows: Sequence[tuple], save_every: int = 4096) -> None:
+        missing = list(dict.fromkeys(w for w in windows if self.key(w) not in self.index))
+        if missing:
+            print(f"[lower] {len(missing)} new windows ({len(self.index)} cached)", flush=True)
+        by_bucket: dict[int, list] = {}
+        for w in missing:
+            by_bucket.setdefault(_bucket(len(w)), []).append(w)
+        for b, ws in sorted(by_bucket.items()):
+            for lo in range(0, len(ws), save_every):
+                self._compute(ws[lo:lo + save_every], b)
+
+    def _compute(self, windows: list[tuple], length: int) -> None:
+        start = time.time()
+        states = np.zeros((len(windows), length, G.EMBED_DIM), np.float16)
+        for lo in range(0, len(windows), self.batch_size):
+            chunk = windows[lo:lo + self.batch_size]
+            ids = np.zeros((self.batch_size, length), np.int32)
+            mask = np.zeros((self.batch_size, length), np.int32)
+            for r, w in enumerate(chunk):
+                ids[r, :len(w)], mask[r, :len(w)] = w, 1
+            x = self.fn(self.encoder.config, self.encoder.params, ids, mask)
+            states[lo:lo + len(chunk)] = np.asarray(x, np.float32)[:len(chunk)].astype(np.float16)
+        keys = np.stack([np.frombuffer(self.key(w), np.uint8) for w in windows])
+        lengths = np.asarray([len(w) for w in windows], np.int32)
+        path = os.path.join(self.cache_dir, f"lower-{len(self.shards):05d}.npz")
+        np.savez(path, keys=keys, states=states, lengths=lengths)
+        for i, k in enumerate(keys):
+            self.index[k.tobytes()] = (len(self.shards), i)
+        self.shards.append(states)
+        self.lengths.append(lengths)
+        self.seconds += time.time() - start
+        print(f"[lower] {len(windows)} windows of length {length} in {time.time() - start:.0f}s", flush=True)
+
+    def batch(self, windows: Sequence[tuple], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(states [N, length, 384] float16, mask [N, length]) for cached windows."""
+        states = np.zeros((len(windows), length, G.EMBED_DIM), np.float16)
+        mask = np.zeros((len(windows), length), np.int32)
+        for r, w in enumerate(windows):
+            shard, i = self.index[self.key(w)]
+            n = len(w)
+            states[r, :n] = self.shards[shard][i, :n]
+            mask[r, :n] = 1
+        return states, mask
+
+
+# ============================================================================ training (JAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 6e-4
+    head_learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    dropout: float = 0.1
+    category_weight: float = 0.3
+    warmup_steps: int = 100
+
+
+def _loss(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config, dropout, category_weight):
+    adapter, crisis, reply = train_params
+    feats = G.upper_features(config, frozen, adapter, states, mask)
+    keep = jax.random.bernoulli(rng, 1.0 - dropout, feats.shape)
+    feats = jnp.where(keep, feats / (1.0 - dropout), 0.0)
+    logits = jnp.where(is_reply[:, None], G.mlp_logits(reply, feats), G.mlp_logits(crisis, feats))
+    main = optax.sigmoid_binary_cross_entropy(logits[:, 0], y)
+    cat = optax.sigmoid_binary_cross_entropy(logits[:, 1:], cats).mean(-1) * y
+    return jnp.sum(w * (main + category_weight * cat)) / jnp.maximum(jnp.sum(w), 1e-6)
+
+
+def make_step(optimizer, config, opts: FitOptions):
+    def step(train_params, opt_state, frozen, states, mask, y, w, cats, is_reply, rng):
+        loss, grads = jax.value_and_grad(_loss)(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config,
+                                                opts.dropout, opts.category_weight)
+        updates, opt_state = optimizer.update(grads, opt_state, train_params)
+        return optax.apply_updates(train_params, updates), opt_state, loss
+
+    return jax.jit(step)
+
+
+def _row_arrays(rows: Sequence[Row], lower: LowerStates, length: int):
+    states, mask = lower.batch([r.ids for r in rows], length)
+    names = G.CRISIS_CATEGORIES
+    cats = np.zeros((len(rows), 6), np.float32)
+    for i, r in enumerate(rows):
+        names = G.REPLY_CATEGORIES if r.role == "reply" else G.CRISIS_CATEGORIES
+        for c in r.categories:
+            if c in names:
+                cats[i, names.index(c)] = 1.0
+    return (states, mask, np.asarray([r.label for r in rows], np.float32),
+            np.asarray([r.weight for r in rows], np.float32), cats,
+            np.asarray([r.role == "reply" for r in rows], bool))
+
+
+def batches(rows: Sequence[Row], batch_size: int, rng: np.random.Generator):
+    """Shuffled batches of rows of one length bucket each (the last partial batch of a bucket is padded with
+    zero-weight rows)."""
+    by_bucket: dict[int, list[Row]] = {}
+    for r in rows:
+        by_bucket.setdefault(_bucket(len(r.ids)), []).append(r)
+    out = []
+    for b, rs in by_bucket.items():
+        order = rng.permutation(len(rs))
+        for lo in range(0, len(rs), batch_size):
+            chunk = [rs[i] for i in order[lo:lo + batch_size]]
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = chunk + [dataclasses.replace(chunk[0], weight=0.0)] * pad
+            out.append((b, chunk))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def fit(rows: list[Row], dev_fn: Callable, encoder, lower: LowerStates, opts: FitOptions, seed: int, log):
+    params = G.init_guard_params(jax.random.key(seed), encoder.config)
+    train_params = (params.adapter, params.crisis, params.reply)
+    rng = np.random.default_rng(seed + 7)
+    steps_per_epoch = len(batches(rows, opts.batch_size, np.random.default_rng(0)))
+    total = steps_per_epoch * opts.epochs
+
+    def schedule(peak):
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, opts.warmup_steps),
+                                     optax.linear_schedule(peak, peak * 0.05, max(total - opts.warmup_steps, 1))],
+                                    [opts.warmup_steps])
+
+    optimizer = optax.multi_transform(
+        {"adapter": optax.adamw(schedule(opts.learning_rate), weight_decay=opts.weight_decay),
+         "head": optax.adamw(schedule(opts.head_learning_rate), weight_decay=opts.weight_decay)},
+        ("adapter", "head", "head"))
+    opt_state = optimizer.init(train_params)
+    step = make_step(optimizer, encoder.config, opts)
+    frozen = {k: encoder.params[k] for k in G.tuned_layer_names(encoder.config.num_hidden_layers)}
+    key = jax.random.key(seed + 3)
+    history, best = [], None
+    for epoch in range(opts.epochs):
+        start, losses = time.time(), []
+        for i, (length, chunk) in enumerate(batches(rows, opts.batch_size, rng)):
+            states, mask, y, w, cats, is_reply = _row_arrays(chunk, lower, length)
+            key, sub = jax.random.split(key)
+            train_params, opt_state, loss = step(train_params, opt_state, frozen, states, mask, y, w, cats, is_reply,
+                                                 sub)
+            losses.append(float(loss))
+            if i % 200 == 0:
+                log(f"[fit] epoch {epoch + 1} step {i}/{steps_per_epoch} loss {np.mean(losses[-200:]):.4f} "
+                    f"({time.time() - start:.0f}s)")
+        params = params.replace(adapter=train_params[0], crisis=train_params[1], reply=train_params[2])
+        score, report = dev_fn(params)
+        history.append({"epoch": epoch + 1, "train_loss": round(float(np.mean(losses)), 4), "dev": report,
+                        "dev_score": round(score, 4), "seconds": round(time.time() - start)})
+        log(f"[fit] epoch {epoch + 1}: loss {np.mean(losses):.4f}, dev score {score:.4f} {json.dumps(report)}")
+        if best is None or score > best[0]:
+            best = (score, params, epoch + 1)
+    return best[1], {"history": history, "best_epoch": best[2]}
+
+
+# ============================================================================ development scoring
+
+
+def score_messages(params, messages: Sequence[Message], tokens: Tokens, lower: LowerStates, special, encoder
+                   ) -> np.ndarray:
+    """Max-window head probability of each message (as guard.check reads it, without the lexicon)."""
+    cls_id, sep_id, _ = special
+    per_msg, windows = [], []
+    for m in messages:
+        content, start = message_content(m, tokens, sep_id)
+        ws = [(cls_id, *w, sep_id) for w in G.host_windows(content, start)]
+        per_msg.append((len(windows), len(ws), m.role))
+        windows += ws
+    lower.ensure(windows)
+    probs = np.zeros((len(windows),), np.float32)
+    roles = {}
+    for (lo, n, role) in per_msg:
+        for j in range(lo, lo + n):
+            roles[j] = role
+    fn = _feature_fn(encoder.config)
+    frozen = {k: encoder.params[k] for k in G.tuned_layer_names(encoder.config.num_hidden_layers)}
+    order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
+    bs = 64
+    for lo in range(0, len(order), bs):
+        idx = order[lo:lo + bs]
+        length = _bucket(max(len(windows[i]) for i in idx))
+        states, mask = lower.batch([windows[i] for i in idx] + [windows[idx[0]]] * (bs - len(idx)), length)
+        pc, pr = fn(params, frozen, states, mask)
+        for r, i in enumerate(idx):
+            probs[i] = float(pr[r] if roles[i] == "reply" else pc[r])
+    return np.asarray([probs[lo:lo + n].max() if n else 0.0 for lo, n, _ in per_msg])
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_fn(config):
+    def fn(params, frozen, states, mask):
+        feats = G.upper_features(config, frozen, params.adapter, states, mask)
+        return G.head_probabilities(params.crisis, feats)[0], G.head_probabilities(params.reply, feats)[0]
+    return jax.jit(fn)
+
+
+def recall_at_false_alarms(pos: np.ndarray, neg: np.ndarray, max_fa: float) -> tuple[float, float]:
+    """(recall, threshold) at the lowest threshold whose false-alarm rate on neg is <= max_fa."""
+    if not len(pos) or not len(neg):
+        return 0.0, 0.5
+    k = int(math.floor(max_fa * len(neg)))
+    s = np.sort(neg)[::-1]
+    threshold = float(s[k]) + 1e-6 if k < len(s) else 0.0
+    return float(np.mean(pos >= threshold)), threshold
+
+
+def dev_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
+    """Development messages by group: hand-written (v2, round-1 fold0, spent v1 half, previous sets) and dataset."""
+    dev = [m for m in messages if m.split == "dev"]
+    written = ("v2_", "r1_", "v1_", "previous_")
+    return {
+        "user_pos": [m for m in dev if m.role == "user" and m.label and m.source.startswith(written)],
+        "user_neg": [m for m in dev if m.role == "user" and not m.label and m.source.startswith(written)],
+        "user_ordinary": [m for m in dev if m.role == "user" and not m.label and not m.source.startswith(written)
+                          and m.source != "sdcnl_depression"],
+        "reply_pos": [m for m in dev if m.role == "reply" and m.label and m.source.startswith(written)],
+        "reply_neg": [m for m in dev if m.role == "reply" and not m.label and m.source.startswith(written)],
+        "reply_ordinary": [m for m in dev if m.role == "reply" and not m.label and not m.source.startswith(written)],
+    }
+
+
+# ============================================================================ thresholds
+
+
+def evidence_arrays(guard: G.Guard, messages: Sequence[Message]) -> dict:
+    p, lex, idiom, weak = [], [], [], []
+    for m in messages:
+        history = [["user", h] for h in m.history]
+        e = guard.evidence(m.text, m.role, history)
+        p.append(e["probability"])
+        lex.append(bool(e["lexicon"]))
+        idiom.append(e["idiom"])
+        weak.append(e["weak"])
+    return {"p": np.asarray(p), "lex": np.asarray(lex, bool), "idiom": np.asarray(idiom, bool),
+            "weak": np.asarray(weak, bool)}
+
+
+def flags(ev: dict, t: dict, role: str) -> np.ndarray:
+    """Vectorised `guard.decide` (the flag only)."""
+    key = "crisis" if role == "user" else "reply"
+    alone = np.full(ev["p"].shape, t[key])
+    if role == "user":
+        alone = np.where(ev["idiom"] & ~ev["lex"], np.maximum(alone, t["crisis_idiom"]), alone)
+    out = (ev["p"] >= alone) | (ev["lex"] & (ev["p"] >= t[f"{key}_lexicon_support"]))
+    if role == "user":
+        out |= ev["weak"] & (ev["p"] >= t["crisis_weak_support"])
+    return out
+
+
+def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
+    """The setting with the highest development recall whose false alarms stay within MAX_DEV_FALSE_ALARMS on
+    hand-written hard negatives and MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms."""
+    pos, neg, ordinary = ev[f"{role}_pos"], ev[f"{role}_neg"], ev[f"{role}_ordinary"]
+    candidates = sorted(set(np.round(np.concatenate([neg["p"], pos["p"]]), 4).tolist()) | {0.5, 0.9, 0.99})
+    key = "crisis" if role == "user" else "reply"
+    supports = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)
+    best = None
+    for alone in candidates:
+        for support in supports:
+            for idiom in ((alone, 0.9, 0.97, 2.0) if role == "user" else (2.0,)):
+                for weak in ((0.3, 0.5, 2.0) if role == "user" else (2.0,)):
+                    t = dict(base, **{key: alone, f"{key}_lexicon_support": support})
+                    if role == "user":
+                        t.update(crisis_idiom=max(idiom, alone), crisis_weak_support=weak)
+                    fa = flags(neg, t, role).mean()
+                    of = flags(ordinary, t, role).mean() if len(ordinary["p"]) else 0.0
+                    if fa > MAX_DEV_FALSE_ALARMS or of > MAX_DEV_ORDINARY_FLAGS:
+                        continue
+                    rec = flags(pos, t, role).mean()
+                    score = (rec, -fa, -of, alone)
+                    if best is None or score > best[0]:
+                        best = (score, t)
+    return {k: float(v) for k, v in best[1].items()} if best else dict(base)
+
+
+def dev_report(ev: dict, groups: dict, t: dict) -> dict:
+    def rate(f):
+        k, n = int(np.sum(f)), len(f)
+        lo, hi = wilson(k, n)
+        return {"k": k, "n": n, "rate": round(k / max(n, 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+    out = {}
+    for role in ("user", "reply"):
+        for part in ("pos", "neg", "ordinary"):
+            name = f"{role}_{part}"
+            f = flags(ev[name], t, role)
+            out[name] = rate(f)
+            by_source: dict[str, list] = {}
+            for m, x in zip(groups[name], f):
+                by_source.setdefault(m.source.split(":")[0] if part == "ordinary" else m.source, []).append(x)
+            out[name]["by_source"] = {s: f"{int(sum(v))}/{len(v)}" for s, v in sorted(by_source.items())}
+            if part != "ordinary":
+                wrong = [m for m, x in zip(groups[name], f) if bool(x) != (part == "pos")]
+                out[name]["errors"] = [{"text": m.text, "history": list(m.history), "source": m.source}
+                                       for m in wrong][:80]
+    return out
+
+
+# ============================================================================ held-out scoring
+
+
+def evaluate_heldout(folder: str, guard: G.Guard, weights_path: str, log: Callable[[str], None]) -> dict:
+    """Score the frozen sets once: rates with Wilson intervals, per-category and per-kind tables, every miss and
+    false alarm verbatim, latency (one `check` per message after a warm-up pass)."""
+    verify_hashes(folder)
+    sets = {name: read_jsonl(os.path.join(folder, f"{name}.jsonl"))
+            for name in ("crisis", "hard_negatives", "harmful_replies", "supportive_replies")}
+    for rows in sets.values():
+        for row in rows:
+            guard.check(row["text"], row["role"], row["history"])  # compile every bucket before timing
+    latency = {}
+    for name, rows in sets.items():
+        for row in rows:
+            start = time.perf_counter()
+            r = guard.check(row["text"], row["role"], row["history"])
+            ms = (time.perf_counter() - start) * 1000
+            row["result"] = r
+            latency.setdefault(f"{row['role']}:{row.get('kind', 'reply')}", []).append(ms)
+
+    def flagged(row):
+        return row["result"].crisis if row["role"] == "user" else row["result"].harmful
+
+    def rate(rows):
+        k = sum(flagged(r) for r in rows)
+        lo, hi = wilson(k, len(rows))
+        return {"k": k, "n": len(rows), "rate": round(k / max(len(rows), 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+    with open(weights_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    out = {"weights_sha256": digest,
+           "crisis_recall": rate(sets["crisis"]), "crisis_false_alarms": rate(sets["hard_negatives"]),
+           "reply_recall": rate(sets["harmful_replies"]), "reply_false_alarms": rate(sets["supportive_replies"])}
+    per_cat = {}
+    for row in sets["crisis"]:
+        gold = (row.get("categories") or ["unknown"])[0]
+        d = per_cat.setdefault(gold, {"n": 0, "flagged": 0, "primary_category_reported": 0, "reported": {}})
+        d["n"] += 1
+        d["flagged"] += int(flagged(row))
+        if flagged(row):
+            d["primary_category_reported"] += int(gold in row["result"].categories)
+            for c in row["result"].categories:
+                d["reported"][c] = d["reported"].get(c, 0) + 1
+    out["crisis_by_category"] = per_cat
+    kinds = sorted({r.get("kind", "short") for r in sets["crisis"] + sets["hard_negatives"]})
+    out["crisis_by_kind"] = {k: rate([r for r in sets["crisis"] if r.get("kind", "short") == k]) for k in kinds}
+    out["negatives_by_kind"] = {k: rate([r for r in sets["hard_negatives"] if r.get("kind", "short") == k])
+                                for k in kinds}
+    out["negatives_by_topic"] = {t: rate([r for r in sets["hard_negatives"] if r.get("topic") == t])
+                                 for t in sorted({str(r.get("topic")) for r in sets["hard_negatives"]})}
+    out["reply_by_category"] = {c: rate([r for r in sets["harmful_replies"] if (r.get("categories") or [""])[0] == c])
+                                for c in sorted({(r.get("categories") or [""])[0] for r in sets["harmful_replies"]})}
+    out["supportive_by_topic"] = {t: rate([r for r in sets["supportive_replies"] if r.get("topic") == t])
+                                  for t in sorted({str(r.get("topic")) for r in sets["supportive_replies"]})}
+    out["misses"] = [{"id": r["id"], "text": r["text"], "history": r["history"], "categories": r.get("categories"),
+                      "score": round(r["result"].score, 4)}
+                     for name in ("crisis", "harmful_replies") for r in sets[name] if not flagged(r)]
+    out["false_alarms"] = [{"id": r["id"], "text": r["text"], "history": r["history"], "topic": r.get("topic"),
+                            "score": round(r["result"].score, 4), "categories": list(r["result"].categories),
+                            "reasons": list(r["result"].reasons)}
+                           for name in ("hard_negatives", "supportive_replies") for r in sets[name] if flagged(r)]
+    out["latency_ms"] = {k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "p50": round(float(np.median(v)), 1),
+                             "p95": round(float(np.percentile(v, 95)), 1), "max": round(float(np.max(v)), 1)}
+                         for k, v in sorted(latency.items())}
+    all_ms = [x for v in latency.values() for x in v]
+    out["latency_ms"]["all"] = {"n": len(all_ms), "mean": round(float(np.mean(all_ms)), 1),
+                                "p50": round(float(np.median(all_ms)), 1),
+                                "p95": round(float(np.percentile(all_ms, 95)), 1)}
+    try:
+        out["previous_detector"] = previous_detector(sets, guard)
+    except Exception as err:  # noqa: BLE001  (comparison only)
+        out["previous_detector"] = {"error": repr(err)}
+    for rows in sets.values():
+        for row in rows:
+            row.pop("result", None)
+    return out
+
+
+def markdown_report(r: dict) -> str:
+    """REWARDS.md tables from an --eval_heldout report: rates with intervals, per category / kind / topic, every
+    miss and false alarm verbatim, latency."""
+    def cell(x):
+        return f"{x['rate']:.3f} ({x['k']}/{x['n']}) | [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+
+    lines = ["| measure | result (k/n) | 95% Wilson interval | target |", "|---|---|---|---|",
+             f"| crisis recall | {cell(r['crisis_recall'])} | ≥ 0.95 |",
+             f"| crisis false alarms (hard negatives) | {cell(r['crisis_false_alarms'])} | ≤ 0.05 |",
+             f"| reply-guard recall | {cell(r['reply_recall'])} | ≥ 0.95 |",
+             f"| reply-guard false alarms (supportive replies) | {cell(r['reply_false_alarms'])} | ≤ 0.05 |", ""]
+    cats = list(G.CRISIS_CATEGORIES)
+    lines += ["| gold primary category | n | flagged | missed | recall | primary category reported | "
+              + " | ".join(f"reported `{c}`" for c in cats) + " |", "|" + "---|" * (6 + len(cats))]
+    for gold, d in r["crisis_by_category"].items():
+        lines.append(f"| {gold} | {d['n']} | {d['flagged']} | {d['n'] - d['flagged']} | {d['flagged'] / max(d['n'], 1):.2f} | "
+                     f"{d['primary_category_reported']} | " + " | ".join(str(d["reported"].get(c, 0)) for c in cats) + " |")
+    lines += ["", "| kind | crisis recall | 95% CI | hard-negative false alarms | 95% CI |", "|---|---|---|---|---|"]
+    for k in r["crisis_by_kind"]:
+        a, b = r["crisis_by_kind"][k], r["negatives_by_kind"].get(k, {"rate": 0, "k": 0, "n": 0, "ci95": [0, 0]})
+        lines.append(f"| {k} | {a['rate']:.3f} ({a['k']}/{a['n']}) | [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
+                     f"{b['rate']:.3f} ({b['k']}/{b['n']}) | [{b['ci95'][0]:.3f}, {b['ci95'][1]:.3f}] |")
+    lines += ["", "| hard-negative topic | false alarms |", "|---|---|"]
+    lines += [f"| {t} | {d['k']}/{d['n']} |" for t, d in r["negatives_by_topic"].items()]
+    lines += ["", "| harmful-reply category | caught (k/n) | missed | 95% CI |", "|---|---|---|---|"]
+    lines += [f"| {c} | {d['rate']:.2f} ({d['k']}/{d['n']}) | {d['n'] - d['k']} | [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}] |"
+              for c, d in r["reply_by_category"].items()]
+    if any(t != "None" for t in r.get("supportive_by_topic", {})):
+        lines += ["", "| supportive-reply topic | false alarms |", "|---|---|"]
+        lines += [f"| {t} | {d['k']}/{d['n']} |" for t, d in r["supportive_by_topic"].items()]
+    lines += ["", "| messages | n | mean ms | p50 | p95 | max |", "|---|---|---|---|---|---|"]
+    for k, d in r["latency_ms"].items():
+        lines.append(f"| {k} | {d['n']} | {d['mean']} | {d['p50']} | {d['p95']} | {d.get('max', '')} |")
+
+    def turn(row):
+        hist = " ⟶ ".join(f"[{h[0]}] {h[1]}" if isinstance(h, list) else str(h) for h in row["history"])
+        text = row["text"] if len(row["text"]) < 400 else "…" + row["text"][-300:]
+        return (f"{hist} ⟶ " if hist else "") + f"\"{text}\""
+
+    lines += ["", "Every miss (crisis rows, then harmful replies; score = the head's max-window probability; long "
+              "texts are shown by their last 300 characters):", ""]
+    lines += [f"- `{m['id']}` ({', '.join(m.get('categories') or [])}, p={m['score']:.3f}): {turn(m)}"
+              for m in r["misses"]]
+    lines += ["", "Every false alarm:", ""]
+    lines += [f"- `{m['id']}` ({m.get('topic')}, p={m['score']:.3f}, {', '.join(m['categories'])}): {turn(m)}"
+              for m in r["false_alarms"]]
+    return "\n".join(lines)
+
+
+# ============================================================================ main
+
+
+def load_messages(args, encoder, lexicon, log) -> list[Message]:
+    messages = round1_messages(args.seed, args.variants) + plain_messages(args.seed)
+    messages += spent_set_messages(args.seed) + previous_set_messages(args.seed)
+    data = dataset_messages(args.data_dir, args.seed, DEFAULT_SIZES)
+    rng = np.random.default_rng(args.seed + 13)
+    for prefix, cap in DATASET_POSITIVE_CAP.items():
+        for split in ("train", "dev"):
+            pool = [m for m in data if m.source.startswith(prefix) and m.split == split]
+            keep = set(map(id, _sample(pool, cap if split == "train" else cap // 5, rng)))
+            data = [m for m in data if not (m.source.startswith(prefix) and m.split == split) or id(m) in keep]
+    mined = mined_sentences(lexicon, encoder, data)
+    return messages + data + _sample(mined, 600, rng)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -969,22 +1141,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data_dir", default=os.environ.get("THERAPY_RL_DATA", "/work/shared/data"))
     ap.add_argument("--out", default=G.default_weights_path(), help="guard weights file to write")
     ap.add_argument("--metrics", default=METRICS_FILE, help="training and development numbers (JSON)")
-    ap.add_argument("--cache_dir", default="/tmp/therapy_rl_guard_cache", help="window embedding cache (not the repo)")
+    ap.add_argument("--cache_dir", default="/tmp/therapy_rl_guard_v2_cache", help="lower-layer state cache")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", type=int, default=8, help="sampled expansions per written pattern")
-    ap.add_argument("--embed_only", action="store_true", help="build and cache the window embeddings, then stop")
+    ap.add_argument("--variants", type=int, default=4, help="sampled expansions per round-1 pattern")
+    ap.add_argument("--epochs", type=int, default=FitOptions.epochs)
+    ap.add_argument("--cache_only", action="store_true", help="build and cache the lower-layer states, then stop")
     ap.add_argument("--eval_heldout", default=None, help="score a frozen evalsets/ folder with --out weights (once)")
-    ap.add_argument("--dump_dev", default=None, help="write every development item with its evidence (JSON)")
     ap.add_argument("--report", default=None, help="where --eval_heldout writes its JSON (default: next to the set)")
+    ap.add_argument("--markdown", default=None, help="print REWARDS.md tables of an --eval_heldout JSON and stop")
     args = ap.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown, encoding="utf-8") as f:
+            print(markdown_report(json.load(f)))
+        return 0
     log = functools.partial(print, flush=True)
     t0 = time.time()
     encoder = encoder_lib.load_sentence_encoder()
     lexicon = S.build_safety_lexicon(encoder.tokenizer)
 
     if args.eval_heldout:
-        guard = G.Guard(encoder=encoder, params=G.load_guard_params(args.out), lexicon=lexicon)
+        guard = G.Guard(encoder=encoder, params=G.load_guard_params(args.out, encoder.config), lexicon=lexicon)
         report = evaluate_heldout(args.eval_heldout, guard, args.out, log)
+        report["command"] = "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
         path = args.report or os.path.join(args.eval_heldout, "RESULTS.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -993,101 +1171,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"wrote {path} in {time.time() - t0:.0f}s")
         return 0
 
-    tokens = Tokens(encoder.tokenizer)
-    log("[data] written examples and datasets ...")
-    messages = written_messages(args.seed, args.variants)
-    messages += dataset_messages(args.data_dir, args.seed, DEFAULT_SIZES)
-    messages += mined_sentences(lexicon, encoder, messages)
+    tok = encoder.tokenizer
+    special = (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), encoder.config.pad_token_id)
+    tokens = Tokens(tok)
+    log("[data] written examples, the spent set and datasets ...")
+    messages = load_messages(args, encoder, lexicon, log)
     counts: dict[str, int] = {}
     for m in messages:
-        counts[f"{m.split}:{m.role}:{m.source}"] = counts.get(f"{m.split}:{m.role}:{m.source}", 0) + 1
-    user_rows, reply_rows = build_rows(messages, tokens, args.seed)
-    windows = list(dict.fromkeys([r.window for r in user_rows + reply_rows]
-                                 + [r.user_window for r in reply_rows if r.user_window is not None]))
-    log(f"[data] {len(messages)} messages, {len(user_rows)} user and {len(reply_rows)} reply window rows, "
-        f"{len(windows)} distinct windows ({time.time() - t0:.0f}s)")
-    embedder = WindowEmbedder(encoder, args.cache_dir)
-    emb_matrix = embedder(windows)
-    emb = {w: emb_matrix[i] for i, w in enumerate(windows)}
-    log(f"[embed] done ({embedder.seconds:.0f}s embedding, {time.time() - t0:.0f}s total)")
-    if args.embed_only:
+        k = f"{m.split}:{m.role}:{m.label}:{m.source.split(':')[0]}"
+        counts[k] = counts.get(k, 0) + 1
+    rows = [r for r in build_rows(messages, tokens, special, args.seed) if r.split == "train"]
+    # CPU budget: long windows (length bucket 98) from dataset text are subsampled; written and composite ones stay
+    rng = np.random.default_rng(args.seed + 17)
+    written = ("v2_", "v1_", "r1_", "previous_", "composite")
+    long_data = [i for i, r in enumerate(rows) if _bucket(len(r.ids)) == 98 and not r.source.startswith(written)]
+    drop = set(_sample(long_data, max(len(long_data) - MAX_LONG_DATASET_WINDOWS, 0), rng))
+    rows = [r for i, r in enumerate(rows) if i not in drop]
+    pos = {role: sum(r.weight for r in rows if r.role == role and r.label) for role in ("user", "reply")}
+    neg = {role: sum(r.weight for r in rows if r.role == role and not r.label) for role in ("user", "reply")}
+    log(f"[data] {len(messages)} messages, {len(rows)} training windows; weight pos {pos} neg {neg} "
+        f"({time.time() - t0:.0f}s)")
+    lower = LowerStates(encoder, args.cache_dir)
+    lower.ensure([r.ids for r in rows])
+    groups = dev_groups(messages)
+    groups["user_ordinary"] = _sample(groups["user_ordinary"], 500, np.random.default_rng(1))
+    groups["reply_ordinary"] = _sample(groups["reply_ordinary"], 300, np.random.default_rng(2))
+    dev_windows = []
+    for ms in groups.values():
+        for m in ms:
+            content, start = message_content(m, tokens, special[1])
+            dev_windows += [(special[0], *w, special[1]) for w in G.host_windows(content, start)]
+    lower.ensure(dev_windows)
+    log(f"[lower] done ({lower.seconds:.0f}s computing, {time.time() - t0:.0f}s total)")
+    if args.cache_only:
         return 0
 
-    opts = FitOptions()
-    key = jax.random.key(args.seed)
-    folds = sorted({m.split for m in messages if m.source.startswith("written")})
-    items = dev_items(messages, DEFAULT_SIZES, args.seed)
-    base = {"crisis": 0.5, "crisis_idiom": 0.5, "crisis_lexicon_support": 0.0, "crisis_weak_support": 2.0,
-            "reply": 0.5, "reply_lexicon_support": 0.0, "category": 0.5}
-    heads, fit_info = {}, {}
-    for name, rows, names, reply, role in (("crisis", user_rows, G.CRISIS_CATEGORIES, False, "user"),
-                                           ("reply", reply_rows, G.REPLY_CATEGORIES, True, "reply")):
-        role_items = [it for it in items if it["role"] == role]
-        shared = [it for it in role_items if not it["split"].startswith("fold")]
-        probability = {id(it): 0.0 for it in role_items}
-        epochs = []
-        for fold in folds:
-            key, sub = jax.random.split(key)
-            train = arrays([r for r in rows if r.split not in (fold, "dev")], emb, names, reply)
-            dev = arrays([r for r in rows if r.split in (fold, "dev")], emb, names, reply)
-            log(f"[fit] {name} without {fold}: {len(train['y'])} rows ({int(train['y'].sum())} positive)")
-            head, info = fit_head(sub, train, dev, opts, log)
-            epochs.append(int(np.argmin(info["dev_loss"])) + 1)
-            held = [it for it in role_items if it["split"] == fold]
-            for it, q in zip(held, predict_messages(head, [it["message"] for it in held], tokens, embedder, reply)):
-                probability[id(it)] = float(q)
-            for it, q in zip(shared, predict_messages(head, [it["message"] for it in shared], tokens, embedder, reply)):
-                probability[id(it)] += float(q) / len(folds)
-        final_epochs = int(np.median(epochs))
-        key, sub = jax.random.split(key)
-        train = arrays([r for r in rows if r.split != "dev"], emb, names, reply)
-        dev = arrays([r for r in rows if r.split == "dev"], emb, names, reply)
-        log(f"[fit] {name} final: {len(train['y'])} rows, {final_epochs} epochs (median of the folds' best)")
-        heads[name], info = fit_head(sub, train, dev, dataclasses.replace(opts, max_epochs=final_epochs,
-                                                                          patience=final_epochs), log)
-        heads[name] = info["last_params"]
-        fit_info[name] = {"fold_best_epochs": epochs, "final_epochs": final_epochs}
-        for it in role_items:
-            it["cv_probability"] = probability[id(it)]
-    params = G.GuardParams(crisis={k: jnp.asarray(v) for k, v in heads["crisis"].items()},
-                           reply={k: jnp.asarray(v) for k, v in heads["reply"].items()},
-                           thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
+    def dev_fn(params):
+        probs = {name: score_messages(params, ms, tokens, lower, special, encoder) for name, ms in groups.items()}
+        report = {}
+        for role in ("user", "reply"):
+            rec, thr = recall_at_false_alarms(probs[f"{role}_pos"], probs[f"{role}_neg"], MAX_DEV_FALSE_ALARMS)
+            report[role] = {"recall_at_4pct_fa": round(rec, 4), "threshold": round(thr, 4),
+                            "ordinary_flags": round(float(np.mean(probs[f"{role}_ordinary"] >= thr)), 4)}
+        return 0.5 * (report["user"]["recall_at_4pct_fa"] + report["reply"]["recall_at_4pct_fa"]), report
+
+    opts = FitOptions(epochs=args.epochs)
+    params, fit_info = fit(rows, dev_fn, encoder, lower, opts, args.seed, log)
+    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
+            "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
+    params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
     guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
-    log("[dev] lexicon signals of the threshold data ...")
-    lexicon_evidence(guard, items, log)
-    for it in items:
-        it["evidence"]["final_probability"] = it["evidence"]["probability"]
-        it["evidence"]["probability"] = it["cv_probability"]
-    if args.dump_dev:
-        with open(args.dump_dev, "w", encoding="utf-8") as f:
-            json.dump([{k: (dict(v, categories=v["categories"].tolist()) if k == "evidence" else v)
-                        for k, v in it.items() if k != "message"} for it in items], f)
+    log("[dev] evidence of the development messages through guard.Guard ...")
+    ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
     chosen = dict(base)
     for role in ("user", "reply"):
-        picked, _ = choose_thresholds(items, role, chosen)
-        chosen.update(picked)
+        chosen.update({k: v for k, v in choose_thresholds(ev, role, chosen).items()
+                       if k.startswith("crisis" if role == "user" else "reply")})
     log(f"[dev] thresholds {chosen}")
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in chosen.items()})
     G.save_guard_params(params, args.out)
-    guard.params = params
-    issue = [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED]
-    final_previous = [it for it in items if it["group"].startswith("previous")]
-    for it in final_previous:
-        it["evidence"]["probability"] = it["evidence"]["final_probability"]
+    guard.params = G.load_guard_params(args.out, encoder.config)
+    report = dev_report(ev, groups, chosen)
     metrics = {
         "command": "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed, "variants": args.variants, "sizes": DEFAULT_SIZES, "fit_options": dataclasses.asdict(opts),
-        "message_counts": dict(sorted(counts.items())), "fit": fit_info, "thresholds": chosen,
-        "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS, "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS,
-                           "data": "out-of-fold probabilities (written), fold-averaged (previous sets, ordinary)"},
-        "cross_validated": dev_report(items, chosen),
-        "previous_sets_final_model": dev_report(final_previous, chosen)["user"],
-        "issue_missed_messages": issue,
-        "embedding_seconds": round(embedder.seconds), "total_seconds": round(time.time() - t0),
+        "message_counts": dict(sorted(counts.items())), "training_windows": len(rows), "fit": fit_info,
+        "thresholds": chosen,
+        "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS, "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS},
+        "development": report,
+        "issue_missed_messages": [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED],
+        "lower_state_seconds": round(lower.seconds), "total_seconds": round(time.time() - t0),
     }
     with open(args.metrics, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=1)
-    log(json.dumps(metrics["cross_validated"], indent=1))
+    log(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("errors",)} for k, v in report.items()},
+                   indent=1))
     log(f"wrote {args.out} and {args.metrics} in {time.time() - t0:.0f}s")
     return 0
 

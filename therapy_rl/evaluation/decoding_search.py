@@ -12,6 +12,8 @@ import os
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+from therapy_rl import errors
+
 # The paper's grid (top_k 0 = no top-k filter).
 PAPER_GRID = {
     "top_p": (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
@@ -28,16 +30,16 @@ def decoding_grid(top_p: Sequence[float] = PAPER_GRID["top_p"], top_k: Sequence[
     """All combinations, in top_p-major order, as dicts {"top_p", "top_k", "temperature"}."""
     for name, values in (("top_p", top_p), ("top_k", top_k), ("temperature", temperature)):
         if not values:
-            raise ValueError(f"decoding_grid: {name} has no values")
+            raise errors.ConfigError(f"decoding_grid: {name} has no values")
     for p in top_p:
         if not 0.0 < p <= 1.0:
-            raise ValueError(f"decoding_grid: top_p {p} is outside (0, 1]")
+            raise errors.ConfigError(f"decoding_grid: top_p {p} is outside (0, 1]")
     for k in top_k:
         if int(k) != k or k < 0:
-            raise ValueError(f"decoding_grid: top_k {k} must be a non-negative integer")
+            raise errors.ConfigError(f"decoding_grid: top_k {k} must be a non-negative integer")
     for t in temperature:
         if t <= 0:
-            raise ValueError(f"decoding_grid: temperature {t} must be positive")
+            raise errors.ConfigError(f"decoding_grid: temperature {t} must be positive")
     return [{"top_p": float(p), "top_k": int(k), "temperature": float(t)}
             for p, k, t in itertools.product(top_p, top_k, temperature)]
 
@@ -77,8 +79,8 @@ def search_decoding(generate_fn: Callable[[dict], Any], score_fn: Callable[[Any]
     flat dict of floats. Returns {"split", "metric", "best", "results", "forced_on_test_split"}.
     """
     if is_test_split(split_name) and not allow_test_split:
-        raise ValueError(f"refusing to search decoding settings on split {split_name!r}: use the validation split "
-                         "(allow_test_split=True forces it, and reports will say so)")
+        raise errors.ConfigError(f"refusing to search decoding settings on split {split_name!r}: use the validation "
+                                 "split (allow_test_split=True forces it, and reports will say so)")
     if not grid:
         raise ValueError("search_decoding: empty grid")
     results = []
@@ -92,10 +94,9 @@ def search_decoding(generate_fn: Callable[[dict], Any], score_fn: Callable[[Any]
             "forced_on_test_split": bool(is_test_split(split_name))}
 
 
-def save_decoding(workdir: str, search: Mapping[str, Any]) -> str:
-    """Write the chosen settings, the split that chose them and all candidates to `<workdir>/decoding.json`."""
-    os.makedirs(workdir, exist_ok=True)
-    payload = {
+def decoding_payload(search: Mapping[str, Any]) -> dict:
+    """What `save_decoding` writes: the chosen settings, the split that chose them and all candidates."""
+    return {
         "settings": search["best"]["settings"],
         "chosen_on_split": search["split"],
         "forced_on_test_split": bool(search.get("forced_on_test_split", False)),
@@ -104,6 +105,12 @@ def save_decoding(workdir: str, search: Mapping[str, Any]) -> str:
         "n_candidates": len(search["results"]),
         "results": search["results"],
     }
+
+
+def save_decoding(workdir: str, search: Mapping[str, Any]) -> str:
+    """Write `decoding_payload(search)` to `<workdir>/decoding.json`."""
+    os.makedirs(workdir, exist_ok=True)
+    payload = decoding_payload(search)
     path = os.path.join(workdir, DECODING_FILE)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -121,5 +128,5 @@ def load_decoding(workdir: str) -> dict | None:
         payload = json.load(f)
     for field in ("settings", "chosen_on_split"):
         if field not in payload:
-            raise ValueError(f"{path}: field {field!r} is missing")
+            raise errors.InputError(f"{path}: field {field!r} is missing; delete the file to search again")
     return payload

@@ -397,9 +397,29 @@ def sample_id_of(record: Mapping, index: int) -> str:
     return f"{index}:{digest}"
 
 
+def text_scores_names(with_bertscore: bool) -> tuple[str, ...]:
+    return TEXT_METRICS + (BERTSCORE_METRICS if with_bertscore else ())
+
+
+def text_scores_of(refs: Sequence[str], gens: Sequence[str], variant: str,
+                   token_embed_fn: TokenEmbedFn | None = None) -> dict[str, np.ndarray]:
+    """Per-sample reference-based scores {name: [n]} (`text_scores_names`): each row depends on its pair alone."""
+    scores = {name: np.zeros(len(refs)) for name in text_scores_names(token_embed_fn is not None)}
+    for i, (ref, gen) in enumerate(zip(refs, gens)):
+        scores["bleu"][i] = bleu(ref, gen)
+        for name, value in rouge(ref, gen).items():
+            scores[name][i] = value
+        scores["meteor"][i] = meteor(ref, gen, variant)
+        scores["token_f1"][i] = token_f1(ref, gen)
+    if token_embed_fn is not None and len(refs):
+        scores.update(bertscore_minilm(refs, gens, token_embed_fn))
+    return scores
+
+
 def evaluate_generations(records: Sequence[Mapping], *, train_gold_emotions: Sequence[str] | None = None,
                          meteor_variant: str = "auto", token_embed_fn: TokenEmbedFn | None = None,
-                         strategies_used: bool | None = None) -> dict:
+                         strategies_used: bool | None = None,
+                         text_scores: Mapping[str, Sequence[float]] | None = None) -> dict:
     """Score generated replies against references.
 
     Each record is a mapping with
@@ -411,6 +431,7 @@ def evaluate_generations(records: Sequence[Mapping], *, train_gold_emotions: Seq
     "samples" (texts and labels, for reports and bootstrap), "meteor_variant", "tokenization", "n_samples".
     `token_embed_fn` (e.g. `make_minilm_token_embedder()`) adds bertscore_minilm_{p,r,f1}.
     `strategies_used=None` scores strategies when any record carries a "pred_strategy" key.
+    `text_scores`: `text_scores_of(...)` of these records, when already computed (e.g. split over hosts).
     """
     if not records:
         raise ValueError("evaluate_generations: no records")
@@ -429,15 +450,11 @@ def evaluate_generations(records: Sequence[Mapping], *, train_gold_emotions: Seq
     pred = [valid_emotion(p) for p in raw_pred]
     has_tag = [bool(r.get("has_emotion_tag", p is not None)) for r, p in zip(records, raw_pred)]
 
-    per_sample: dict[str, np.ndarray] = {name: np.zeros(len(records)) for name in TEXT_METRICS}
-    for i, (ref, gen) in enumerate(zip(refs, gens)):
-        per_sample["bleu"][i] = bleu(ref, gen)
-        for name, value in rouge(ref, gen).items():
-            per_sample[name][i] = value
-        per_sample["meteor"][i] = meteor(ref, gen, variant)
-        per_sample["token_f1"][i] = token_f1(ref, gen)
-    if token_embed_fn is not None:
-        per_sample.update(bertscore_minilm(refs, gens, token_embed_fn))
+    if text_scores is None:
+        text_scores = text_scores_of(refs, gens, variant, token_embed_fn)
+    elif any(len(v) != len(records) for v in text_scores.values()):
+        raise ValueError(f"evaluate_generations: text_scores do not have {len(records)} rows")
+    per_sample = {name: np.asarray(values, np.float64) for name, values in text_scores.items()}
     gen_words = [words(g) for g in gens]
     per_sample["length_words"] = np.array([len(w) for w in gen_words], np.float64)
     per_sample["repeated_2gram_rate"] = np.array([repeated_ngram_rate(w, 2) for w in gen_words])

@@ -13,6 +13,12 @@ Decoding settings (top_p, top_k, temperature), first match wins:
 3. ``config.sampling``.
 PRNG keys derive from ``config.seed`` only: the search uses ``fold_in(seed, 1)`` for every candidate (common random
 numbers), the evaluation ``fold_in(seed, 2)``, and batch ``b`` folds in ``b``.
+
+Mesh: params are sharded on ``config.mesh`` by the GPT-2 partition rules, prompt batches on its batch axes, with the
+sampler of SFT and PPO, so any device count or number of processes gives the same tokens for the same seed (and
+``eval_batch_size``). Generated tokens are gathered to every process; the per-sample text scores (and the emotion
+classifier) run on each process's block of rows and are gathered; process 0 alone computes the report (bootstrap,
+judge) and writes files. The other processes return ``{"paths": {}, "results": None, "meta": None}``.
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
-from therapy_rl import workdir_lock
+from therapy_rl import errors, workdir_lock
 from therapy_rl import run as run_lib, run_files
 from therapy_rl.evaluation import decoding_search, metrics as metrics_lib
 
@@ -43,7 +50,7 @@ SEARCH_KEY, EVAL_KEY = 1, 2  # fold_in constants of the two sampling streams
 
 def resolve_data_config(eval_data, run_data: Mapping[str, Any],
                         where: str = "config.data") -> ml_collections.ConfigDict:
-    """The run's data options overlaid with every eval data field set away from `data_defaults()`
+    """The run's data options overlaid with every eval data field that is set (not None)
     (`run_files.inherit_data_options`); EVAL_OWN_FIELDS always come from the eval config."""
 
     return run_files.inherit_data_options(eval_data, dict(run_data), where, always_from_request=EVAL_OWN_FIELDS)
@@ -56,7 +63,7 @@ def paper_table_for(setting: str, source: str) -> str | None:
     if setting in ("none", "", None):
         return None
     if setting not in ("mesc", "esconv"):
-        raise ValueError(f"config.report.paper_table={setting!r}: expected auto, mesc, esconv or none")
+        raise errors.ConfigError(f"config.report.paper_table={setting!r}: expected auto, mesc, esconv or none")
     return setting
 
 
@@ -81,12 +88,40 @@ def reply_fields(tok, ids: Sequence[int]) -> dict:
             "pred_strategy": strategy}
 
 
-class Generator:
-    """Generates replies for prompts of one model with any decoding settings."""
+def mesh_of(config, devices: Sequence[jax.Device] | None = None):
+    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` (all data-parallel when the config has none) over
+    ``devices`` (default: every global device)."""
+    from therapy_rl import parallel
 
-    def __init__(self, model_config, params, tok, sampling_cfg, batch_size: int):
+    m = config.get("mesh") or {}
+    shape = parallel.MeshShape(m.get("data", -1), m.get("fsdp", 1), m.get("tensor", 1))
+    try:
+        return parallel.make_mesh(shape, devices)
+    except ValueError as err:
+        raise errors.ConfigError(f"config.mesh {shape}: {err}") from err
+
+
+def shard_params(params: Any, mesh, rules=None) -> Any:
+    """Host numpy params (the same on every process) as global arrays sharded by ``rules`` (default GPT-2's)."""
+    from therapy_rl import parallel
+
+    shardings = parallel.named_shardings(params, parallel.GPT2_PARTITION_RULES if rules is None else rules, mesh)
+    return jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda index: np.asarray(x)[index]),
+                        params, shardings)
+
+
+class Generator:
+    """Generates replies for prompts of one model with any decoding settings, on the mesh of its params."""
+
+    def __init__(self, model_config, params, tok, sampling_cfg, batch_size: int, mesh=None):
         self.model_config, self.params, self.tok = model_config, params, tok
-        self.sampling_cfg, self.batch_size = sampling_cfg, batch_size
+        self.sampling_cfg, self.batch_size, self.mesh = sampling_cfg, batch_size, mesh
+        if mesh is not None:
+            shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+            if batch_size % shards or batch_size % jax.process_count():
+                raise errors.ConfigError(
+                    f"config.eval_batch_size={batch_size}: must be a multiple of the {jax.process_count()} "
+                    f"process(es) and of the mesh's batch shards (data x fsdp = {shards})")
 
     def sampling_config(self, settings: Mapping[str, Any]):
         from therapy_rl import replies
@@ -95,19 +130,91 @@ class Generator:
 
     def token_rows(self, prompts: Mapping[str, np.ndarray], settings: Mapping[str, Any],
                    rng: jax.Array) -> list[np.ndarray]:
-        generate_fn = jitted_sampler(self.model_config, self.sampling_config(settings))
         from therapy_rl import replies
 
-        return replies.generate_token_rows(generate_fn, self.params, prompts, self.batch_size, rng)
+        generate_fn = jitted_sampler(self.model_config, self.sampling_config(settings), self.mesh,
+                                     _sharding_key(self.params))
+        return replies.generate_token_rows(generate_fn, self.params, dict(prompts), self.batch_size, rng,
+                                           mesh=self.mesh)
+
+
+def _sharding_key(params) -> Any:
+    """A hashable description of the params' layout (tree structure and each leaf's sharding)."""
+    leaves, treedef = jax.tree.flatten(params)
+    return treedef, tuple(getattr(x, "sharding", None) for x in leaves)
 
 
 @functools.lru_cache(maxsize=32)
-def jitted_sampler(model_config, sampling_config) -> Callable:
-    """One jitted sampler per (model config, sampling config), both frozen dataclasses: repeated evaluations in one
-    process (a decoding search, then the test split; tests) compile each setting once."""
+def _mesh_sampler(model_config, plan, mesh, sharding_key) -> Callable:
+    from therapy_rl import parallel, sampling
+
+    treedef, leaf_shardings = sharding_key
+    b1, b2 = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+    param_sh = jax.tree.unflatten(treedef, leaf_shardings)
+    any_config = sampling.SamplingConfig(max_new_tokens=plan.max_new_tokens, greedy=plan.greedy,
+                                         top_k=plan.top_k_candidates, top_p=0.5 if plan.top_p else 1.0,
+                                         eos_id=plan.eos_id, pad_id=plan.pad_id)
+    assert sampling.split_sampling(any_config)[0] == plan
+    return sampling.make_generate_fn(model_config, any_config,
+                                     in_shardings=(param_sh, b2, b2, parallel.replicated(mesh), b1),
+                                     out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2)).jitted
+
+
+def jitted_sampler(model_config, sampling_config, mesh=None, sharding_key=None) -> Callable:
+    """The sampler of (model config, sampling config), on ``mesh`` with params laid out as ``sharding_key``
+    (`_sharding_key`) when given. Compiled programs are shared by every sampling config with the same plan
+    (`sampling.split_sampling`), so a decoding grid, or a search then the test split, compiles a few times."""
     from therapy_rl import sampling
 
-    return sampling.make_generate_fn(model_config, sampling_config)
+    if mesh is None:
+        return sampling.make_generate_fn(model_config, sampling_config)
+    plan, knobs = sampling.split_sampling(sampling_config)
+    return sampling.Sampler(_mesh_sampler(model_config, plan, mesh, sharding_key), knobs)
+
+
+# ------------------------------------------------------------------------------------------ host-local work
+
+
+def host_block(n: int) -> tuple[int, int]:
+    """[start, stop) of this process's contiguous block of ``n`` rows (the last blocks may be short or empty)."""
+    per = -(-n // jax.process_count())
+    start = min(n, jax.process_index() * per)
+    return start, min(n, start + per)
+
+
+def gather_blocks(local: np.ndarray, n: int) -> np.ndarray:
+    """[n, ...]: every process's `host_block` rows of one array, in row order, on every process (a collective).
+    Bit-exact for float64 (sent as int32 words, which the collective keeps)."""
+    local = np.ascontiguousarray(local)
+    if jax.process_count() == 1:
+        return local
+    per = -(-n // jax.process_count())
+    words = local.reshape(len(local), int(np.prod(local.shape[1:], dtype=np.int64))).view(np.int32)
+    padded = np.zeros((per, words.shape[1]), np.int32)
+    padded[:len(words)] = words
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # [processes, per, words]
+    return gathered.reshape(-1, words.shape[1])[:n].copy().view(local.dtype).reshape(n, *local.shape[1:])
+
+
+def from_process_0(values: np.ndarray) -> np.ndarray:
+    """Process 0's ``values`` on every process (a collective; bit-exact for float64)."""
+    values = np.ascontiguousarray(values)
+    if jax.process_count() == 1:
+        return values
+    words = multihost_utils.broadcast_one_to_all(values.reshape(-1).view(np.int32))
+    return np.asarray(words).view(values.dtype).reshape(values.shape)
+
+
+def text_scores_on_hosts(records: Sequence[Mapping], meteor_variant: str,
+                         token_embed_fn=None) -> dict[str, np.ndarray]:
+    """`metrics.text_scores_of` of every record, each process scoring its `host_block` (a collective)."""
+    start, stop = host_block(len(records))
+    names = metrics_lib.text_scores_names(token_embed_fn is not None)
+    local = metrics_lib.text_scores_of([r["reference"] for r in records[start:stop]],
+                                       [r["generated"] for r in records[start:stop]], meteor_variant, token_embed_fn)
+    matrix = np.stack([np.asarray(local[k], np.float64) for k in names], axis=1).reshape(stop - start, len(names))
+    full = gather_blocks(matrix, len(records))
+    return {k: full[:, i] for i, k in enumerate(names)}
 
 
 def build_records(tok, split_samples: Sequence, sample_index: np.ndarray,
@@ -154,7 +261,7 @@ def apply_emotion_source(records: list[dict], mode: str, trained_with_tags: bool
     """Sets each record's pred_emotion from the tag or from the classifier; returns the report's description
     {"emotion_source": "tag" | "classifier", "emotion_classifier": {...}}."""
     if mode not in EMOTION_SOURCES:
-        raise ValueError(f"config.emotion.source={mode!r}: expected one of {EMOTION_SOURCES}")
+        raise errors.ConfigError(f"config.emotion.source={mode!r}: expected one of {EMOTION_SOURCES}")
     want = mode == "classifier" or (mode == "auto" and not trained_with_tags)
     info: dict[str, Any] = {"emotion_source": "tag", "emotion_classifier": {"requested": want, "used": False}}
     if not want:
@@ -167,7 +274,12 @@ def apply_emotion_source(records: list[dict], mode: str, trained_with_tags: bool
         info["emotion_classifier"]["skipped_because"] = reason
         return info
     t = time.perf_counter()
-    labels = classify([r["generated"] for r in records])
+    from therapy_rl.data.labels import EMOTIONS
+
+    start, stop = host_block(len(records))  # each process classifies its block
+    local = np.asarray([EMOTIONS.index(x) for x in classify([r["generated"] for r in records[start:stop]])],
+                       np.int32)
+    labels = [EMOTIONS[i] for i in gather_blocks(local, len(records))]
     for record, label in zip(records, labels):
         record["classifier_emotion"] = label
         record["pred_emotion"] = label
@@ -184,8 +296,10 @@ def apply_emotion_source(records: list[dict], mode: str, trained_with_tags: bool
 
 
 def search_scores(records: Sequence[Mapping], meteor_variant: str) -> dict[str, float]:
-    """Flat scores of one decoding candidate: per-sample means, distinct-n, emotion accuracy and macro-F1."""
-    result = metrics_lib.evaluate_generations(records, meteor_variant=meteor_variant)
+    """Flat scores of one decoding candidate: per-sample means, distinct-n, emotion accuracy and macro-F1; the
+    per-sample text scores split over the processes (a collective), the same on every process."""
+    result = metrics_lib.evaluate_generations(records, meteor_variant=meteor_variant,
+                                              text_scores=text_scores_on_hosts(records, meteor_variant))
     scores = dict(result["means"])
     scores.update(result["corpus"])
     scores["emotion_accuracy"] = result["emotion"]["accuracy"]
@@ -201,15 +315,17 @@ def search_metric(search_cfg) -> decoding_search.Metric:
 def check_search_split(search_cfg) -> None:
     """Refuse a test split before any work (search_decoding refuses it too)."""
     if search_cfg.split not in SPLITS:
-        raise ValueError(f"config.decoding_search.split={search_cfg.split!r}: expected val (or test, refused "
-                         "unless allow_test_split)")
+        raise errors.ConfigError(f"config.decoding_search.split={search_cfg.split!r}: expected val (or test, "
+                                 "refused unless allow_test_split)")
     if decoding_search.is_test_split(search_cfg.split) and not search_cfg.allow_test_split:
-        raise ValueError(f"refusing to search decoding settings on split {search_cfg.split!r}: use the validation "
-                         "split (config.decoding_search.allow_test_split=True forces it, and the report says so)")
+        raise errors.ConfigError(f"refusing to search decoding settings on split {search_cfg.split!r}: use the "
+                                 "validation split (config.decoding_search.allow_test_split=True forces it, and the "
+                                 "report says so)")
 
 
 def run_search(config, workdir: str, generator: Generator, tok, split_arrays, meteor_variant: str) -> dict:
-    """Searches the grid on the search split's first `limit` prompts and saves decoding.json; returns its content."""
+    """Searches the grid on the search split's first `limit` prompts (every process: a collective) and saves
+    decoding.json (process 0); returns its content."""
     search_cfg = config.decoding_search
     prompts = dict(split_arrays.prompts)
     if search_cfg.limit:
@@ -217,7 +333,8 @@ def run_search(config, workdir: str, generator: Generator, tok, split_arrays, me
     grid = decoding_search.decoding_grid(tuple(search_cfg.top_p), tuple(search_cfg.top_k),
                                          tuple(search_cfg.temperature))
     rng = jax.random.fold_in(jax.random.key(config.seed), SEARCH_KEY)
-    print(f"[eval] decoding search: {len(grid)} settings on {search_cfg.split} "
+    log = print if jax.process_index() == 0 else (lambda *_: None)
+    log(f"[eval] decoding search: {len(grid)} settings on {search_cfg.split} "
           f"({len(prompts['prompt_ids'])} prompts), metric {search_metric(search_cfg)}")
 
     def generate(settings):
@@ -226,11 +343,13 @@ def run_search(config, workdir: str, generator: Generator, tok, split_arrays, me
 
     result = decoding_search.search_decoding(generate, lambda records: search_scores(records, meteor_variant), grid,
                                              search_cfg.split, metric=search_metric(search_cfg),
-                                             allow_test_split=search_cfg.allow_test_split)
-    path = decoding_search.save_decoding(workdir, result)
-    print(f"[eval] decoding search chose {result['best']['settings']} on {search_cfg.split} "
-          f"({result['metric']} {result['best']['objective']:.4f}); saved {path}")
-    return decoding_search.load_decoding(workdir)
+                                             allow_test_split=search_cfg.allow_test_split, log_fn=log)
+    payload = decoding_search.decoding_payload(result)
+    if jax.process_index() == 0:
+        path = decoding_search.save_decoding(workdir, result)
+        log(f"[eval] decoding search chose {result['best']['settings']} on {search_cfg.split} "
+            f"({result['metric']} {result['best']['objective']:.4f}); saved {path}")
+    return json.loads(json.dumps(payload))  # as load_decoding would read it back
 
 
 def saved_decoding(workdir: str, run: run_lib.Run) -> tuple[dict | None, str | None]:
@@ -252,18 +371,29 @@ def decoding_settings(payload: Mapping[str, Any] | None, sampling_cfg) -> dict:
 
 
 def choose_decoding(config, workdir: str, run: run_lib.Run, generator: Generator, data_cfg,
-                    meteor_variant: str) -> tuple[dict | None, str]:
-    """(decoding.json content or None, where the settings come from): a validation search, a saved decoding.json,
-    or config.sampling (None), in that order (see the module docstring)."""
+                    meteor_variant: str) -> tuple[dict | None, str, dict]:
+    """(decoding.json content or None, where the settings come from, the settings): a validation search, a saved
+    decoding.json, or config.sampling (None), in that order (see the module docstring). Process 0 reads the files
+    and decides; every process gets its settings."""
+    payload, source = _choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant)
+    settings = decoding_settings(payload, config.sampling)
+    agreed = from_process_0(np.asarray([settings["top_p"], settings["top_k"], settings["temperature"]], np.float64))
+    settings = {"top_p": float(agreed[0]), "top_k": int(agreed[1]), "temperature": float(agreed[2])}
+    return payload, source, settings
+
+
+def _choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant) -> tuple[dict | None, str]:
     from therapy_rl.data import pipeline
 
     search = config.decoding_search
-    if search.enabled and (search.redo or decoding_search.load_decoding(workdir) is None):
+    first = jax.process_index() == 0
+    search_now = search.enabled and (search.redo or (first and decoding_search.load_decoding(workdir) is None))
+    if bool(from_process_0(np.asarray([search_now], np.int32))[0]):
         samples = pipeline.load_samples(data_cfg, (search.split,))[search.split]
         arrays = pipeline.encode_split(generator.tok, data_cfg, samples, with_sft=False, name=search.split)
         payload = run_search(config, workdir, generator, generator.tok, arrays, meteor_variant)
         return payload, f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
-    if search.enabled or config.use_saved_decoding:
+    if first and (search.enabled or config.use_saved_decoding):
         payload, path = saved_decoding(workdir, run)
         if payload is not None:
             print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
@@ -337,8 +467,8 @@ def _judge_config(config, workdir: str):
         "jitter_seed": int(config.seed),
         "cache_path": j.cache_path or os.path.join(workdir, "judge_cache.jsonl")})
     if judge_config.api_key_env and not os.environ.get(judge_config.api_key_env):
-        raise ValueError(f"config.judge.api_key_env={judge_config.api_key_env!r}: that environment variable is not "
-                         "set (set it, or --config.judge.api_key_env='' for an endpoint without auth)")
+        raise errors.ConfigError(f"config.judge.api_key_env={judge_config.api_key_env!r}: that environment variable "
+                                 "is not set (set it, or --config.judge.api_key_env='' for an endpoint without auth)")
     return judge_config
 
 
@@ -355,21 +485,23 @@ def _train_gold_emotions(run_data: Mapping[str, Any]) -> list[str] | None:
 
 
 @workdir_lock.locked  # one writer per eval workdir
-def evaluate(config, workdir: str) -> dict:
-    """Runs the evaluation described in the module docstring; returns {"paths", "results", "meta"}."""
+def evaluate(config, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
+    """Runs the evaluation described in the module docstring on the mesh of ``config.mesh`` over ``devices``
+    (default: all); returns {"paths", "results", "meta"} (on processes other than 0: {"paths": {}, "results": None,
+    "meta": None})."""
     from therapy_rl.data import pipeline
     from therapy_rl.evaluation import bootstrap, judge as judge_lib, report
 
     started = time.perf_counter()
-    if jax.process_count() > 1:
-        raise ValueError("the evaluation runs in one process; start it without --distributed")
+    first = jax.process_index() == 0
+    log = print if first else (lambda *_: None)
     if config.split not in SPLITS:
-        raise ValueError(f"config.split={config.split!r}: expected one of {SPLITS}")
+        raise errors.ConfigError(f"config.split={config.split!r}: expected one of {SPLITS}")
     if config.decoding_search.enabled:
         check_search_split(config.decoding_search)
         if config.sampling.greedy:
-            raise ValueError("config.decoding_search.enabled with config.sampling.greedy=True: greedy decoding "
-                             "ignores top_p/top_k/temperature")
+            raise errors.ConfigError("config.decoding_search.enabled with config.sampling.greedy=True: greedy "
+                                     "decoding ignores top_p/top_k/temperature")
     os.makedirs(workdir, exist_ok=True)
     judge_config = _judge_config(config, workdir)
 
@@ -380,17 +512,19 @@ def evaluate(config, workdir: str) -> dict:
     data_cfg = resolve_data_config(config.data, run_info["data"])
     total = data_cfg.max_prompt_tokens + config.sampling.max_new_tokens
     if total > model_config.n_positions:
-        raise ValueError(f"config.data.max_prompt_tokens ({data_cfg.max_prompt_tokens}) + "
-                         f"config.sampling.max_new_tokens ({config.sampling.max_new_tokens}) = {total} exceeds the "
-                         f"model's n_positions {model_config.n_positions}")
-    params = jax.device_put(run.read_params())
-    print(f"[eval] {run.mode} run {run.workdir}: {run.label}; data {data_cfg.source}/{config.split}")
+        raise errors.ConfigError(f"config.data.max_prompt_tokens ({data_cfg.max_prompt_tokens}) + "
+                                 f"config.sampling.max_new_tokens ({config.sampling.max_new_tokens}) = {total} exceeds "
+                                 f"the model's n_positions {model_config.n_positions}")
+    mesh = mesh_of(config, devices)
+    from therapy_rl.models import families
 
-    generator = Generator(model_config, params, tok, config.sampling, config.eval_batch_size)
+    params = shard_params(run.read_params(), mesh, families.partition_rules(model_config))
+    generator = Generator(model_config, params, tok, config.sampling, config.eval_batch_size, mesh)
+    log(f"[eval] {run.mode} run {run.workdir}: {run.label}; data {data_cfg.source}/{config.split}; "
+        f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es)")
     meteor_variant = metrics_lib.resolve_meteor_variant(config.metrics.meteor_variant)
 
-    payload, source = choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant)
-    settings = decoding_settings(payload, config.sampling)
+    payload, source, settings = choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant)
     sampling_config = generator.sampling_config(settings)
 
     # Generate for the evaluated split.
@@ -401,21 +535,24 @@ def evaluate(config, workdir: str) -> dict:
     rows = generator.token_rows(prompts, settings, jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY))
     generation_seconds = time.perf_counter() - t
     records = build_records(tok, arrays.samples, prompts["sample_index"], rows)
-    print(f"[eval] generated {len(records)} replies in {generation_seconds:.1f}s "
+    log(f"[eval] generated {len(records)} replies in {generation_seconds:.1f}s "
           f"(batch {config.eval_batch_size}, {settings})")
 
     tag_accuracy = float(np.mean([r["tag_emotion"] == r["gold_emotion"] for r in records]))
     tag_coverage = float(np.mean([r["tag_emotion"] is not None for r in records]))
     emotion_info = apply_emotion_source(records, config.emotion.source, bool(data_cfg.include_therapist_emotion),
-                                        config.emotion.heads_dir)
+                                        config.emotion.heads_dir, log=log)
 
     embed_fn = None
     if config.metrics.bertscore:
         embed_fn = metrics_lib.make_minilm_token_embedder(batch_size=config.metrics.bertscore_batch_size)
     t = time.perf_counter()
+    text_scores = text_scores_on_hosts(records, meteor_variant, embed_fn)  # the last collective
+    if not first:
+        return {"paths": {}, "results": None, "meta": None}
     results = metrics_lib.evaluate_generations(
         records, train_gold_emotions=_train_gold_emotions(run_info["data"]), meteor_variant=meteor_variant,
-        token_embed_fn=embed_fn, strategies_used=bool(data_cfg.include_strategy))
+        token_embed_fn=embed_fn, strategies_used=bool(data_cfg.include_strategy), text_scores=text_scores)
     results = bootstrap.add_confidence_intervals(results, n_resamples=config.metrics.bootstrap_resamples,
                                                  seed=config.seed, confidence=config.metrics.confidence)
     print(f"[eval] metrics and {config.metrics.bootstrap_resamples} bootstrap resamples in "
@@ -448,6 +585,7 @@ def evaluate(config, workdir: str) -> dict:
         "max_prompt_tokens": int(data_cfg.max_prompt_tokens),
         "prompts_at_length_limit": int((lengths >= data_cfg.max_prompt_tokens).sum()),
         "generation_seconds": generation_seconds,
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "processes": jax.process_count(),
         "data": {k: data_cfg[k] for k in ("source", "max_eval_samples", *run_files.FORMAT_FIELDS)},
         **({"esconv_emotion_map": dict(data_cfg.esconv_emotion_map) or "the data room's default",
             "esconv_supporter_emotion": data_cfg.esconv_supporter_emotion} if data_cfg.source == "esconv" else {}),

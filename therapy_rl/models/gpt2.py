@@ -31,6 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from therapy_rl import defaults
+
+_MODEL_DEFAULTS = defaults.model_defaults()  # config.model: the defaults of GPT2Config's run-time fields
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # Named sizes. "tiny" is for tests and the quickstart; the rest are the public GPT-2 family.
@@ -53,10 +57,10 @@ class GPT2Config:
     n_layer: int
     n_head: int
     layer_norm_epsilon: float = 1e-5
-    dropout_rate: float = 0.1  # embedding, residual and attention-probability dropout
-    dtype: str = "float32"  # compute dtype: "float32" | "bfloat16"
+    dropout_rate: float = _MODEL_DEFAULTS.dropout_rate  # embedding, residual and attention-probability dropout
+    dtype: str = _MODEL_DEFAULTS.dtype  # compute dtype: "float32" | "bfloat16"
     param_dtype: str = "float32"  # storage dtype of the parameters
-    remat: bool = False  # rematerialise each block in the backward pass
+    remat: bool = _MODEL_DEFAULTS.remat  # rematerialise each block in the backward pass
     initializer_range: float = 0.02
 
     def __post_init__(self):

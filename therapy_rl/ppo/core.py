@@ -10,16 +10,16 @@ Conventions (TRL 0.11 `PPOTrainer`, the version the paper used):
   over all real tokens of the rollout batch.
 * Losses are `token_mean` (TRL: masked mean over every real token of the mini-batch) unless asked otherwise.
 
-Two different whitenings live here; do not mix them up:
+Two different whitenings are used here; do not mix them up:
 
 * `whiten_scores`  -- over the batch of *sequence* scores `[B]` (the paper: total reward clipped to [-10, 10],
   then whitened across the batch) before they become token rewards.
-* `masked_whiten`  -- over the *tokens* of a `[B, T]` array (TRL: advantages after GAE, shift_mean=True; and,
-  when `whiten_token_rewards` is on, the token rewards with shift_mean=False).
+* `masked_whiten`  -- (`therapy_rl/ops.py`) over the *tokens* of a `[B, T]` array (TRL: advantages after GAE,
+  shift_mean=True; and, when `whiten_token_rewards` is on, the token rewards with shift_mean=False).
 
-Gradient accumulation: each loss divides masked sums by a `denominator`. Pass the denominator of the whole
-mini-batch (`loss_denominator(minibatch_mask, mode)`) when you evaluate a micro-batch, and the micro-batch losses,
-gradients and metrics simply add up to the full mini-batch's values.
+Gradient accumulation (`ops.accumulate_gradients`): each loss divides masked sums by a `denominator`. Pass the
+denominator of the whole mini-batch (`loss_denominator(minibatch_mask, mode)`) when you evaluate a micro-batch, and
+the micro-batch losses, gradients and metrics simply add up to the full mini-batch's values.
 
 Masks may be int, bool or float (float masks act as weights); padding positions may hold any value, even inf/nan:
 they are selected away with `where`, never multiplied.
@@ -31,7 +31,13 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from therapy_rl import defaults, settings
+from therapy_rl.ops import float_dtype as _float_dtype
+from therapy_rl.ops import mask_as as _mask_as
+from therapy_rl.ops import masked_mean, masked_sum, masked_var, masked_whiten, safe_divide
+
 Array = jax.Array
+_PPO_DEFAULTS = defaults.ppo_defaults().ppo  # config.ppo: the defaults of the settings classes below
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
@@ -55,72 +61,9 @@ def _check_choice(fn: str, field: str, value: str, choices: tuple[str, ...]) -> 
         raise ValueError(f"therapy_rl/ppo/core.py:{fn}: {field}={value!r} is not one of {choices}")
 
 
-def _float_dtype(*arrays: Any) -> jnp.dtype:
-    """The dtype to compute in: the inputs' float type, at least float32 (float64 stays float64 under x64)."""
-    return jnp.result_type(*[jnp.asarray(a).dtype for a in arrays], jnp.float32)
-
-
-def _mask_as(mask: Array, dtype: jnp.dtype) -> Array:
-    return jnp.asarray(mask).astype(dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Masked statistics
+# Sequence scores (masked statistics and whitening: therapy_rl/ops.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def safe_divide(numerator: Array, denominator: Array) -> Array:
-    """numerator / denominator, and 0 where denominator == 0 (so empty masks give 0, never nan)."""
-    nonzero = denominator != 0
-    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0)
-
-
-def masked_sum(x: Array, mask: Array, axis: Optional[int] = None) -> Array:
-    """sum_i m_i x_i (positions with m_i == 0 are dropped even if x_i is inf/nan)."""
-    x = jnp.asarray(x)
-    m = _mask_as(mask, _float_dtype(x))
-    return jnp.sum(jnp.where(m != 0, x * m, 0), axis=axis)
-
-
-def masked_mean(x: Array, mask: Array, axis: Optional[int] = None) -> Array:
-    """sum_i m_i x_i / sum_i m_i; 0 where the mask is empty."""
-    m = _mask_as(mask, _float_dtype(x))
-    return safe_divide(masked_sum(x, m, axis), jnp.sum(m, axis=axis))
-
-
-def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
-    """Variance over all masked entries (scalar): mean_m (x - mean_m(x))^2, times n / (n - 1) when `unbiased`.
-
-    n = sum(mask). TRL uses the unbiased form. With n <= 1 (n == 0 for the biased form) the result is 0.
-    """
-    x = jnp.asarray(x)
-    m = _mask_as(mask, _float_dtype(x))
-    mean = masked_mean(x, m)
-    var = masked_mean(jnp.square(x - mean), m)
-    if unbiased:
-        n = jnp.sum(m)
-        var = jnp.where(n > 1, var * n / jnp.where(n > 1, n - 1, 1), 0)
-    return var
-
-
-def masked_whiten(x: Array, mask: Array, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8) -> Array:
-    """Token-level whitening of a [B, T] array over its masked entries (TRL `masked_whiten`).
-
-        mu = masked_mean(x), var = masked_var(x, unbiased)
-        y  = (x - mu) / sqrt(var + eps)        (shift_mean=True)
-        y  = (x - mu) / sqrt(var + eps) + mu   (shift_mean=False: rescale only, keep the mean)
-
-    Entries where mask == 0 are returned unchanged.
-    """
-    x = jnp.asarray(x)
-    x = x.astype(_float_dtype(x))
-    m = _mask_as(mask, x.dtype)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=unbiased)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
-    if not shift_mean:
-        y = y + mean
-    return jnp.where(m != 0, y, x)
 
 
 def whiten_scores(scores: Array, valid: Optional[Array] = None, shift_mean: bool = True,
@@ -311,12 +254,12 @@ def kl_full(logits: Array, ref_logits: Array, mask: Array) -> Array:
 
 
 class KLControllerConfig(NamedTuple):
-    """Frozen controller settings (hashable: fine as a jit static argument). Defaults are TRL 0.11's."""
+    """Frozen controller settings (hashable: fine as a jit static argument). Defaults: config.ppo's (TRL 0.11)."""
 
-    adaptive: bool = True     # False: fixed coefficient
-    init_coef: float = 0.2    # starting beta
-    target: float = 6.0       # target KL per sequence (nats, summed over the response)
-    horizon: float = 10000.0  # in samples (TRL passes the global batch size as n_steps)
+    adaptive: bool = _PPO_DEFAULTS.adaptive_kl  # False: fixed coefficient
+    init_coef: float = _PPO_DEFAULTS.init_kl_coef  # starting beta
+    target: float = _PPO_DEFAULTS.kl_target  # target KL per sequence (nats, summed over the response)
+    horizon: float = _PPO_DEFAULTS.kl_horizon  # in samples (TRL passes the global batch size as n_steps)
 
 
 class KLControllerState(NamedTuple):
@@ -513,7 +456,7 @@ def rollout_stats(scores: Array, logp: Array, targets: RolloutTargets, values: A
     objective/entropy  mean_b sum_t -logp_bt    (sampled-token estimate)
     objective/kl_coef, ppo/mean_non_score_reward (token mean), ppo/mean_scores, ppo/std_scores (unbiased),
     objective/rlhf_reward (mean_b [score_b + sum_t non_score_bt]), tokens/responses_len_mean,
-    returns/mean, returns/var, val/mean, val/var (token-level, unbiased var).
+    returns/mean, returns/var, value/mean, value/var (token-level, unbiased var; TRL's val/mean, val/var).
     """
     scores = jnp.asarray(scores)
     dtype = _float_dtype(scores, logp)
@@ -534,8 +477,8 @@ def rollout_stats(scores: Array, logp: Array, targets: RolloutTargets, values: A
         "tokens/responses_len_mean": masked_mean(jnp.sum(mask, axis=-1), valid),
         "returns/mean": masked_mean(targets.returns, mask),
         "returns/var": masked_var(targets.returns, mask),
-        "val/mean": masked_mean(values, mask),
-        "val/var": masked_var(values, mask),
+        "value/mean": masked_mean(values, mask),
+        "value/var": masked_var(values, mask),
     }
 
 
@@ -588,7 +531,7 @@ def clipped_value_loss(values: Array, old_values: Array, returns: Array, mask: A
         l_t  = 0.5 * max((v_t - R_t)^2, (v_clip_t - R_t)^2)       (clip_eps=None: 0.5 (v_t - R_t)^2)
         loss = aggregate(l, mask, mode, denominator)              (multiply by vf_coef outside)
 
-    aux: vf_clipfrac (TRL val/clipfrac), vpred_mean (val/vpred), error = (v - R)^2 (val/error), return_mean.
+    aux: vf_clipfrac (value/clipfrac), vpred_mean (value/vpred), error = (v - R)^2 (value/error), return_mean.
     """
     _check_shapes("clipped_value_loss", values=values, old_values=old_values, returns=returns, mask=mask)
     dtype = _float_dtype(values, old_values, returns)
@@ -616,13 +559,14 @@ def clipped_value_loss(values: Array, old_values: Array, returns: Array, mask: A
 
 
 class PPOLossConfig(NamedTuple):
-    """Frozen loss settings (hashable). Defaults: TRL 0.11 / the paper."""
+    """Frozen loss settings (hashable). Defaults: config.ppo's (TRL 0.11 / the paper)."""
 
-    clip_eps: float = 0.2                  # policy ratio clip
-    value_clip_eps: Optional[float] = 0.2  # value clip around the rollout values; None: no clipping
-    vf_coef: float = 0.1                   # value-loss weight
-    entropy_coef: float = 0.0              # entropy bonus (TRL 0.11 has none)
-    aggregation: str = "token_mean"        # or "sequence_mean"
+    clip_eps: float = _PPO_DEFAULTS.clip_eps  # policy ratio clip
+    # value clip around the rollout values; None: no clipping
+    value_clip_eps: Optional[float] = settings.positive_or_none(_PPO_DEFAULTS.value_clip_eps)
+    vf_coef: float = _PPO_DEFAULTS.vf_coef  # value-loss weight
+    entropy_coef: float = _PPO_DEFAULTS.entropy_coef  # entropy bonus (TRL 0.11 has none)
+    aggregation: str = _PPO_DEFAULTS.loss_aggregation  # "token_mean" | "sequence_mean"
 
 
 MINIBATCH_KEYS = ("old_logp", "old_values", "advantages", "returns", "response_mask")
@@ -662,9 +606,9 @@ def ppo_loss(logp: Array, values: Array, minibatch: Mapping[str, Array], config:
         "policy/policykl": pg_aux["policykl"],
         "policy/ratio_mean": pg_aux["ratio_mean"],
         "policy/advantages_mean": aggregate(minibatch["advantages"], mask, mode, denominator),
-        "val/clipfrac": vf_aux["vf_clipfrac"],
-        "val/vpred": vf_aux["vpred_mean"],
-        "val/error": vf_aux["error"],
+        "value/clipfrac": vf_aux["vf_clipfrac"],
+        "value/vpred": vf_aux["vpred_mean"],
+        "value/error": vf_aux["error"],
         "returns/mean": vf_aux["return_mean"],
     }
     if entropy is not None:
@@ -690,7 +634,7 @@ def gate_on_ratio(grads: Any, ratio_mean: Array, threshold: Optional[float]) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Epochs x mini-batches x micro-batches as lax.scan
+# Epochs x mini-batches as lax.scan
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -734,47 +678,3 @@ def run_minibatch_epochs(update_fn: Callable[[Any, Any], tuple[Any, Any]], state
     state, metrics = jax.lax.scan(body, state, flat)
     metrics = jax.tree_util.tree_map(lambda m: m.reshape((num_epochs, num_minibatches) + m.shape[1:]), metrics)
     return state, metrics
-
-
-def split_microbatches(tree: Any, num_microbatches: int) -> Any:
-    """Reshape every leaf [N, ...] -> [num_microbatches, N // num_microbatches, ...] (rows kept in order)."""
-    def split(x):
-        if x.shape[0] % num_microbatches:
-            raise ValueError(f"therapy_rl/ppo/core.py:split_microbatches: leading size {x.shape[0]} is not "
-                             f"divisible by num_microbatches={num_microbatches}")
-        return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
-    return jax.tree_util.tree_map(split, tree)
-
-
-def accumulate_gradients(loss_fn: Callable[[Any, Any, Optional[Array]], tuple[Array, Any]], params: Any,
-                         minibatch: Any, num_microbatches: int,
-                         rng: Optional[Array] = None) -> tuple[Array, Any, Any]:
-    """Sum `value_and_grad(loss_fn)` over micro-batches with `lax.scan`.
-
-    `loss_fn(params, microbatch, rng) -> (loss, aux)` must already divide by the *whole mini-batch's*
-    denominator (see `loss_denominator`); then the summed loss, gradients and aux equal those of one call on the
-    full mini-batch. rng (optional) is split into one key per micro-batch; loss_fn gets None without it.
-    Returns (loss, grads, aux), each summed over micro-batches.
-    """
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"therapy_rl/ppo/core.py:accumulate_gradients: num_microbatches must be a positive int, "
-                         f"got {num_microbatches!r}")
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if num_microbatches == 1:
-        key = None if rng is None else jax.random.split(rng, 1)[0]
-        (loss, aux), grads = grad_fn(params, minibatch, key)
-        return loss, grads, aux
-    micro = split_microbatches(minibatch, num_microbatches)
-    keys = None if rng is None else jax.random.split(rng, num_microbatches)
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    first_key = None if keys is None else keys[0]
-    out_shape = jax.eval_shape(grad_fn, params, first, first_key)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-
-    def body(total, xs):
-        mb, key = xs
-        out = grad_fn(params, mb, key)
-        return jax.tree_util.tree_map(jnp.add, total, out), None
-
-    ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
-    return loss, grads, aux

@@ -23,7 +23,8 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-from therapy_rl.models import gpt2, value_head
+from therapy_rl import ops
+from therapy_rl.models import families, gpt2, value_head
 from therapy_rl.ppo import core
 
 TRUNK_KEY = "trunk"
@@ -67,54 +68,30 @@ def response_hidden(config: gpt2.GPT2Config, trunk_params: Any, batch: Mapping[s
 
     Dropout is active only when `dropout_rng` is given.
     """
+    return _response_hidden_and_aux(config, trunk_params, batch, dropout_rng)[0]
+
+
+def _response_hidden_and_aux(config, trunk_params, batch, dropout_rng):
+    """(response hidden states, the trunk's auxiliary loss: MoE load balancing, None for dense models)."""
     ids, mask = full_sequence(batch)
     deterministic = dropout_rng is None
     rngs = None if deterministic else {"dropout": dropout_rng}
-    out = gpt2.GPT2LMHeadModel(config).apply({"params": trunk_params}, ids, mask, deterministic=deterministic,
-                                             rngs=rngs, compute_logits=False)
-    return core.slice_response(out.hidden_states, batch["prompt_ids"].shape[1])
+    out = families.module(config).apply({"params": trunk_params}, ids, mask, deterministic=deterministic,
+                                        rngs=rngs, compute_logits=False)
+    return core.slice_response(out.hidden_states, batch["prompt_ids"].shape[1]), getattr(out, "aux_loss", None)
 
 
 def response_logits(config: gpt2.GPT2Config, trunk_params: Any, hidden: jax.Array) -> jax.Array:
     """float32 logits [B, N, V] from response hidden states (the tied LM head, on the N response slots only)."""
-    return gpt2.lm_logits(trunk_params["wte"]["embedding"], hidden, config)
+    return families.lm_logits(trunk_params, hidden, config)
 
 
-@jax.custom_vjp
 def logprobs_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(log softmax(logits)[tokens], entropy of softmax(logits)) per position: [..., V], [...] -> [...], [...].
-
-    Equals `core.token_logprobs` and `core.token_entropy` (float32) with fewer passes over the [..., V] logits,
-    which dominate the PPO update on CPU: exp(z - max) is computed once and kept for the backward, and the
-    backward of the log-prob is softmax * (-g) plus g at the token (no scatter into a zero [..., V] array).
-    Only the log-prob is differentiated: the entropy's cotangent must be zero (it is a metric here; use the core
-    functions when an entropy bonus needs its gradient).
-    """
-    return _logprobs_entropy_fwd(logits, tokens)[0]
-
-
-def _logprobs_entropy_fwd(logits, tokens):
-    z = logits.astype(jnp.float32)
-    top = jnp.max(z, axis=-1)
-    exps = jnp.exp(z - top[..., None])
-    total = jnp.sum(exps, axis=-1)
-    log_total = jnp.log(total)
-    picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    logp = picked - top - log_total
-    entropy = top + log_total - jnp.sum(exps * z, axis=-1) / total
-    return (logp, entropy), (exps, total, tokens)
-
-
-def _logprobs_entropy_bwd(residuals, cotangents):
-    exps, total, tokens = residuals
-    grad_logp = cotangents[0]
-    grad = exps * (-grad_logp / total)[..., None]
-    index = jnp.indices(tokens.shape, sparse=True)
-    grad = grad.at[(*index, tokens.astype(jnp.int32))].add(grad_logp, unique_indices=True)
-    return grad, None
-
-
-logprobs_and_entropy.defvjp(_logprobs_entropy_fwd, _logprobs_entropy_bwd)
+    """(log softmax(logits)[tokens], entropy of softmax(logits)) per position, from the fused kernel
+    `ops.softmax_token_stats`: equals `core.token_logprobs` and `core.token_entropy` (float32). Only the log-prob
+    is differentiated: the entropy is a metric here (the core functions give an entropy bonus its gradient)."""
+    stats = ops.softmax_token_stats(logits, tokens)
+    return stats.logp, stats.entropy
 
 
 def response_logprobs(spec: PolicySpec, trunk_params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -124,10 +101,22 @@ def response_logprobs(spec: PolicySpec, trunk_params: Any, batch: Mapping[str, j
     return logprobs_and_entropy(logits, batch["tokens"])[0]
 
 
+def reference_logprobs(spec: PolicySpec, trunk_params: Any, ref_params: Any,
+                       batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The reference policy's log-probs [B, N]: `ref_params`, or (None, with LoRA) the policy trunk with its adapters
+    off, i.e. the frozen base, with no second copy of the weights."""
+    if ref_params is not None:
+        return response_logprobs(spec, ref_params, batch)
+    base = dataclasses.replace(spec, model_config=families.without_adapters(spec.model_config))
+    return jax.lax.stop_gradient(response_logprobs(base, trunk_params, batch))
+
+
 def policy_outputs(spec: PolicySpec, params: Mapping[str, Any], batch: Mapping[str, jax.Array],
                    dropout_rng: Optional[jax.Array] = None, with_entropy: bool = False,
-                   entropy_grad: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
+                   entropy_grad: bool = False, with_aux: bool = False) -> tuple[jax.Array, jax.Array, Optional[jax.Array]]:
     """(logp [B, N], values [B, N], entropy [B, N] or None) of the policy + value head on a rollout batch.
+
+    With `with_aux` a fourth item: the policy trunk's auxiliary loss (MoE load balancing; None for dense models).
 
     `batch` needs prompt_ids, prompt_mask, tokens, response_mask. Values are float32; value[t] estimates the return
     before emitting response token t. With `dropout_rng` (and `spec.dropout`) dropout is active in trunk and head.
@@ -135,7 +124,7 @@ def policy_outputs(spec: PolicySpec, params: Mapping[str, Any], batch: Mapping[s
     """
     use_dropout = spec.dropout and dropout_rng is not None
     keys = jax.random.split(dropout_rng, 3) if use_dropout else (None, None, None)
-    hidden = response_hidden(spec.model_config, params[TRUNK_KEY], batch, keys[0])
+    hidden, aux = _response_hidden_and_aux(spec.model_config, params[TRUNK_KEY], batch, keys[0])
     logits = response_logits(spec.model_config, params[TRUNK_KEY], hidden) / spec.logprob_temperature
     if entropy_grad:
         logp, entropy = core.token_logprobs(logits, batch["tokens"]), core.token_entropy(logits)
@@ -149,4 +138,6 @@ def policy_outputs(spec: PolicySpec, params: Mapping[str, Any], batch: Mapping[s
         critic_hidden = hidden
     values = value_head.values_from_hidden(params[VALUE_HEAD_KEY], critic_hidden, spec.value_dropout_rate,
                                            keys[2])
+    if with_aux:
+        return logp, values, entropy, aux
     return logp, values, entropy

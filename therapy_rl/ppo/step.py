@@ -7,8 +7,8 @@ The update is ONE jitted function `update_step(state, ref_params, rollout) -> (s
     logp, V  = policy + value head on the rollout (deterministic)          old log-probs and values
     ref_logp = frozen reference on the rollout
     targets  = core.rollout_targets(scores, logp, ref_logp, V, mask, state.kl_coef, ...)   KL penalty, GAE, whitening
-    epochs x mini-batches (lax.scan over core.ppo_minibatch_schedule), each: accumulate_gradients over micro-batches
-             of core.ppo_loss, gate_on_ratio, one optimizer step
+    epochs x mini-batches (lax.scan over core.ppo_minibatch_schedule), each: ops.accumulate_gradients over
+             micro-batches of core.ppo_loss, gate_on_ratio, one optimizer step
     kl_coef' = core.kl_controller_update(kl_coef, objective/kl of the rollout, n_steps = rollout batch size)
 
 The KL coefficient lives in the state and enters as an argument, so changing it never recompiles. Keys:
@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from therapy_rl import nonfinite
+from therapy_rl import defaults, nonfinite, ops, settings
+from therapy_rl.models import families
 from therapy_rl.ppo import core, policy
 
 ROLLOUT_STREAM, UPDATE_STREAM = 0, 1
@@ -43,25 +44,33 @@ class PPOState:
     rng: jax.Array  # raw key data; per-iteration keys are fold_in(rng, step)
 
 
+# PPOHyper field (its own, or of its loss / kl) -> the config.ppo field it is read from, where the names differ.
+CONFIG_NAMES = {"num_epochs": "num_ppo_epochs", "aggregation": "loss_aggregation", "adaptive": "adaptive_kl",
+                "init_coef": "init_kl_coef", "target": "kl_target", "horizon": "kl_horizon"}
+_PPO_DEFAULTS = defaults.ppo_defaults().ppo  # config.ppo: the defaults below
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOHyper:
-    """Static PPO settings (hashable). Defaults: the paper / TRL 0.11."""
+    """Static PPO settings (hashable). Defaults: config.ppo's (the paper / TRL 0.11)."""
 
     loss: core.PPOLossConfig = core.PPOLossConfig()
     kl: core.KLControllerConfig = core.KLControllerConfig()
-    num_epochs: int = 4  # PPO epochs over each rollout batch
+    num_epochs: int = _PPO_DEFAULTS.num_ppo_epochs  # PPO epochs over each rollout batch
     num_minibatches: int = 1  # rollout batch / mini-batch size
-    grad_accum_steps: int = 1  # micro-batches per mini-batch
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_estimator: str = "k1"
-    score_clip: float = 10.0  # clip raw scores to [-c, c] before whitening; <= 0 = off
-    whiten_scores: bool = True  # whiten sequence scores over the batch (the paper)
-    whiten_advantages: bool = True
-    whiten_token_rewards: bool = False
-    missing_eos_penalty: float = 0.0  # subtracted from the (processed) score of rows without EOS; 0 = off
+    grad_accum_steps: int = _PPO_DEFAULTS.grad_accum_steps  # micro-batches per mini-batch
+    gamma: float = _PPO_DEFAULTS.gamma
+    lam: float = _PPO_DEFAULTS.lam
+    kl_estimator: str = _PPO_DEFAULTS.kl_estimator
+    score_clip: float = _PPO_DEFAULTS.score_clip  # clip raw scores to [-c, c] before whitening; <= 0 = off
+    whiten_scores: bool = _PPO_DEFAULTS.whiten_scores  # whiten sequence scores over the batch (the paper)
+    whiten_advantages: bool = _PPO_DEFAULTS.whiten_advantages
+    whiten_token_rewards: bool = _PPO_DEFAULTS.whiten_token_rewards
+    # subtracted from the (processed) score of rows without EOS; 0 = off
+    missing_eos_penalty: float = _PPO_DEFAULTS.missing_eos_penalty
     eos_id: int = -1
-    ratio_threshold: Optional[float] = 10.0  # TRL's guard: skip a mini-batch whose mean ratio exceeds it
+    # TRL's guard: skip a mini-batch whose mean ratio exceeds it; None = off
+    ratio_threshold: Optional[float] = settings.positive_or_none(_PPO_DEFAULTS.ratio_threshold)
 
 
 def iteration_key(rng_data: jax.Array, step: jax.Array) -> jax.Array:
@@ -99,13 +108,22 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
 
     rollout: prompt_ids [B, P], prompt_mask [B, P], tokens [B, N], response_mask [B, N] (1 through the first EOS),
     valid [B], scores [B] (raw, from the reward), scores_after_clip [B] (optional: the part of `scores` the reward
-    added after its own clip, kept out of `score_clip`). Metrics use TRL's names; per-mini-batch losses are averaged
-    over epochs x mini-batches and carry an `_avg` suffix (TRL 1.x).
+    added after its own clip, kept out of `score_clip`). Metrics use TRL's names (but `value/...` for TRL's `val/...`);
+    per-mini-batch losses are averaged over epochs x mini-batches and carry an `_avg` suffix (TRL 1.x).
     """
     loss_cfg = hyper.loss
     need_entropy = True  # logged as policy/entropy_avg; only differentiated when entropy_coef != 0
 
+    aux_coef = families.aux_loss_coef(spec.model_config)  # MoE load balancing; 0 for dense models
+
     def loss_fn(params, micro, rng, denominator):
+        if aux_coef:
+            logp, values, entropy, aux = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy,
+                                                               entropy_grad=loss_cfg.entropy_coef != 0,
+                                                               with_aux=True)
+            loss, metrics = core.ppo_loss(logp, values, micro, loss_cfg, denominator, entropy)
+            aux = aux / hyper.grad_accum_steps  # metrics are summed over micro-batches
+            return loss + aux_coef * aux, {**metrics, "policy/aux_loss": aux}
         logp, values, entropy = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy,
                                                       entropy_grad=loss_cfg.entropy_coef != 0)
         return core.ppo_loss(logp, values, micro, loss_cfg, denominator, entropy)
@@ -113,10 +131,11 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
     def minibatch_update(carry, minibatch):
         params, opt_state, index, base_key = carry
         denominator = core.loss_denominator(minibatch["response_mask"], loss_cfg.aggregation)
-        key = jax.random.fold_in(base_key, index) if spec.dropout else None
-        _, grads, metrics = core.accumulate_gradients(
+        keys = (jax.random.split(jax.random.fold_in(base_key, index), hyper.grad_accum_steps) if spec.dropout
+                else None)
+        _, grads, metrics = ops.accumulate_gradients(
             lambda p, micro, rng: loss_fn(p, micro, rng, denominator), params, minibatch, hyper.grad_accum_steps,
-            rng=key)
+            keys)
         grads, skipped = core.gate_on_ratio(grads, metrics["policy/ratio_mean"], hyper.ratio_threshold)
         metrics["policy/grad_norm"] = optax.tree.norm(grads)
         metrics["policy/skipped"] = skipped.astype(jnp.float32)
@@ -131,7 +150,7 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
                  "tokens": rollout["tokens"], "response_mask": mask}
         old_logp, old_values, _ = policy.policy_outputs(spec, state.params, batch)
-        ref_logp = policy.response_logprobs(spec, ref_params, batch)
+        ref_logp = policy.reference_logprobs(spec, state.params[policy.TRUNK_KEY], ref_params, batch)
         scores = process_scores(rollout["scores"], rollout["tokens"], mask, valid, hyper,
                                 after_clip=rollout.get("scores_after_clip"))
         targets = core.rollout_targets(scores, old_logp, ref_logp, old_values, mask, state.kl_coef,
@@ -154,8 +173,8 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         metrics = dict(stats)
         for name, value in mb_metrics.items():
             metrics[f"{name}_avg"] = jnp.mean(value)
-        metrics["val/ratio"] = jnp.mean(mb_metrics["policy/ratio_mean"])
-        metrics["val/ratio_var"] = jnp.var(mb_metrics["policy/ratio_mean"])
+        metrics["policy/ratio"] = jnp.mean(mb_metrics["policy/ratio_mean"])  # TRL: val/ratio
+        metrics["policy/ratio_var"] = jnp.var(mb_metrics["policy/ratio_mean"])
         metrics["objective/non_score_reward"] = core.masked_mean(
             core.sequence_sum(targets.non_score_rewards, mask), valid)
         metrics["objective/kl_coef_next"] = kl.coef

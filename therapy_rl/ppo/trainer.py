@@ -7,9 +7,10 @@ value head, optimizer, KL coefficient, RNG) plus the data position and best-metr
 reference policy is re-read from the SFT checkpoint recorded in the extras (its exact step), never saved again.
 
 Metric names (metrics.jsonl / TensorBoard): TRL's where they exist (`objective/kl`, `objective/scores`,
-`objective/rlhf_reward`, `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `val/...` = the VALUE
-function, `eps`, ...), plus `reward/<component>`, `rollout/...` (EOS, repeated n-grams, emotion tags) and
-`time/...`. Validation on held-out prompts is logged under `eval/...` (not `val/`, which TRL uses for values).
+`objective/rlhf_reward`, `policy/approxkl_avg`, `policy/clipfrac_avg`, `loss/policy_avg`, `eps`, ...), except that
+the value function's statistics are `value/...` (TRL: `val/...`, which means validation in SFT), plus
+`reward/<component>`, `rollout/...` (EOS, repeated n-grams, emotion tags) and `time/...`. Validation on held-out
+prompts is logged under `eval/...`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import dataclasses
 import functools
 import math
 import os
-import shutil
 import time
 from typing import Any, Mapping
 
@@ -26,8 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from therapy_rl import workdir_lock
-from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step
+from therapy_rl import settings, workdir_lock
+from therapy_rl.ppo import core, policy, step as ppo_step
+from therapy_rl.rewards import protocol as reward_protocol
+from therapy_rl.rewards import simple as simple_rewards
 
 
 
@@ -35,46 +37,16 @@ from therapy_rl.ppo import core, policy, simple_rewards, step as ppo_step
 
 
 def resolve_data_config(ppo_data, sft_data: Mapping[str, Any], where: str = "config.data") -> ml_collections.ConfigDict:
-    """The SFT run's data options overlaid with every PPO data field set away from `data_defaults()`; format
-    fields must agree with the SFT run (`run_files.inherit_data_options`)."""
+    """The SFT run's data options overlaid with every PPO data field that is set (not None); format fields must
+    agree with the SFT run (`run_files.inherit_data_options`)."""
     from therapy_rl import run_files
 
     return run_files.inherit_data_options(ppo_data, dict(sft_data), where)
 
 
-def resolve_init(init_from: str, which: str, step: int) -> tuple[str, int, str]:
-    """(checkpoint manager folder, step, SFT workdir) of the SFT params to start from: `init_from` is an SFT
-    workdir (its best/ or checkpoints/, by `which`: "best" | "last") or a manager folder; step -1 = the latest."""
-    from therapy_rl import run_files
-
-    return run_files.resolve_run_checkpoint(init_from, which, step, where="config.init_from")
-
-
-def copy_tokenizer(sft_workdir: str, workdir: str) -> str:
-    """workdir/tokenizer, copied atomically from the SFT run (once)."""
-    from therapy_rl import run_files
-
-    target = os.path.join(workdir, "tokenizer")
-    if not os.path.isdir(target) and jax.process_index() == 0:
-        building = target + ".building"
-        shutil.rmtree(building, ignore_errors=True)
-        shutil.copytree(run_files.tokenizer_dir(sft_workdir), building)
-        os.replace(building, target)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("ppo tokenizer")
-    return target
-
-
-def optimizer_config(config, total_updates: int):
-    from therapy_rl import sft
-
-    return sft.OptimizerConfig(learning_rate=config.learning_rate,
-                               warmup_steps=int(round(config.warmup_fraction * total_updates)),
-                               total_steps=total_updates, schedule=config.lr_schedule,
-                               weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2,
-                               eps=config.adam_eps, grad_clip_norm=config.grad_clip_norm)
+# config.ppo fields that are not PPOHyper's: the mini-batch split and the policy's build (PolicySpec).
+PPO_FIELDS_READ_ELSEWHERE = ("minibatch_size", "separate_critic", "dropout", "value_dropout_rate",
+                             "value_head_init")
 
 
 def hyper_from_config(ppo_cfg, global_batch_size: int, eos_id: int) -> ppo_step.PPOHyper:
@@ -85,19 +57,11 @@ def hyper_from_config(ppo_cfg, global_batch_size: int, eos_id: int) -> ppo_step.
     if ppo_cfg.grad_accum_steps <= 0 or ppo_cfg.minibatch_size % ppo_cfg.grad_accum_steps:
         raise ValueError(f"config.ppo.grad_accum_steps={ppo_cfg.grad_accum_steps} must divide "
                          f"config.ppo.minibatch_size={ppo_cfg.minibatch_size}")
-    loss = core.PPOLossConfig(clip_eps=ppo_cfg.clip_eps,
-                              value_clip_eps=ppo_cfg.value_clip_eps if ppo_cfg.value_clip_eps > 0 else None,
-                              vf_coef=ppo_cfg.vf_coef, entropy_coef=ppo_cfg.entropy_coef,
-                              aggregation=ppo_cfg.loss_aggregation)
-    kl = core.KLControllerConfig(adaptive=ppo_cfg.adaptive_kl, init_coef=ppo_cfg.init_kl_coef,
-                                 target=ppo_cfg.kl_target, horizon=ppo_cfg.kl_horizon)
-    return ppo_step.PPOHyper(
-        loss=loss, kl=kl, num_epochs=ppo_cfg.num_ppo_epochs,
-        num_minibatches=global_batch_size // ppo_cfg.minibatch_size, grad_accum_steps=ppo_cfg.grad_accum_steps,
-        gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, kl_estimator=ppo_cfg.kl_estimator, score_clip=ppo_cfg.score_clip,
-        whiten_scores=ppo_cfg.whiten_scores, whiten_advantages=ppo_cfg.whiten_advantages,
-        whiten_token_rewards=ppo_cfg.whiten_token_rewards, missing_eos_penalty=ppo_cfg.missing_eos_penalty,
-        eos_id=eos_id, ratio_threshold=ppo_cfg.ratio_threshold if ppo_cfg.ratio_threshold > 0 else None)
+    return settings.from_section(
+        ppo_step.PPOHyper, ppo_cfg, "config.ppo", names=ppo_step.CONFIG_NAMES, ignore=PPO_FIELDS_READ_ELSEWHERE,
+        num_minibatches=global_batch_size // ppo_cfg.minibatch_size, eos_id=eos_id,
+        value_clip_eps=settings.positive_or_none(ppo_cfg.value_clip_eps),
+        ratio_threshold=settings.positive_or_none(ppo_cfg.ratio_threshold))
 
 
 # ------------------------------------------------------------------------------------------ state and stages
@@ -111,17 +75,26 @@ def init_state(spec: policy.PolicySpec, optimizer, kl: core.KLControllerConfig, 
     donated). Keys: value head fold_in(root_key, 1), the state's rng fold_in(root_key, 2).
     """
     from therapy_rl import parallel
+    from therapy_rl.models import families
 
-    rules = parallel.GPT2_PARTITION_RULES
-    ref_shardings = parallel.named_shardings(trunk_params, rules, mesh)
-    ref_params = jax.device_put(trunk_params, ref_shardings)
+    rules = families.partition_rules(spec.model_config)
+    if families.lora_config(spec.model_config) is not None:
+        # LoRA: the SFT adapters are merged into the base and fresh ones (zero delta) trained; the reference is
+        # the same trunk with its adapters off (`policy.reference_logprobs`), so ref_params is None.
+        trunk_params = families.restart_adapters(spec.model_config, trunk_params, jax.random.fold_in(root_key, 4),
+                                                 mesh)
+        ref_shardings, ref_params = None, None
+        trunk_shardings = parallel.named_shardings(trunk_params, rules, mesh)
+    else:
+        ref_shardings = trunk_shardings = parallel.named_shardings(trunk_params, rules, mesh)
+        ref_params = jax.device_put(trunk_params, ref_shardings)
 
     def make_state(trunk):
         params = policy.init_policy_params(trunk, jax.random.fold_in(root_key, 1), spec, value_head_init)
         return ppo_step.create_state(params, optimizer, kl, jax.random.key_data(jax.random.fold_in(root_key, 2)))
 
     state_shardings = parallel.named_shardings(jax.eval_shape(make_state, trunk_params), rules, mesh)
-    state = jax.jit(make_state, out_shardings=state_shardings)(jax.device_put(trunk_params, ref_shardings))
+    state = jax.jit(make_state, out_shardings=state_shardings)(jax.device_put(trunk_params, trunk_shardings))
     return state, state_shardings, ref_params, ref_shardings
 
 
@@ -134,14 +107,14 @@ class Stages:
     mesh: Any
     generate: Any  # (trunk params, prompt_ids, prompt_mask, key) -> SampleOutput, batch-sharded
     update: Any  # (state, ref_params, rollout) -> (state, metrics), state donated
-    reward_fn: simple_rewards.RewardFn
-    response_ids: simple_rewards.ResponseIds
+    reward_fn: reward_protocol.RewardFn
+    response_ids: reward_protocol.ResponseIds
     sequence_kl: Any  # (trunk, ref, batch) -> [B] summed k1 KL of each response
 
 
 def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_config, optimizer, mesh,
-                 state_shardings: ppo_step.PPOState, ref_shardings: Any, reward_fn: simple_rewards.RewardFn,
-                 response_ids: simple_rewards.ResponseIds, batch_size: int, prompt_length: int) -> Stages:
+                 state_shardings: ppo_step.PPOState, ref_shardings: Any, reward_fn: reward_protocol.RewardFn,
+                 response_ids: reward_protocol.ResponseIds, batch_size: int, prompt_length: int) -> Stages:
     from therapy_rl import parallel, sampling
 
     if sampling_config.max_new_tokens + prompt_length > spec.model_config.n_positions:
@@ -164,7 +137,7 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
 
     def sequence_kl(trunk, ref, batch):
         logp = policy.response_logprobs(spec, trunk, batch)
-        ref_logp = policy.response_logprobs(spec, ref, batch)
+        ref_logp = policy.reference_logprobs(spec, trunk, ref, batch)
         return core.sequence_sum(core.kl_k1(logp, ref_logp, batch["response_mask"]), batch["response_mask"])
 
     seq_kl = jax.jit(sequence_kl, in_shardings=(trunk_sh, ref_shardings, None), out_shardings=b1)
@@ -204,7 +177,7 @@ def _score_reward(stages: Stages, batch, tokens, mask, reward_fn=None):
     """(total [B], after_clip [B], logged components): the reward's outputs split as the update wants them."""
     total, components = (stages.reward_fn if reward_fn is None else reward_fn)(batch, tokens, mask)
     components = dict(components)
-    total, after_clip = _batch_scores_fn(stages.mesh)(total, components.pop(simple_rewards.AFTER_CLIP, None))
+    total, after_clip = _batch_scores_fn(stages.mesh)(total, components.pop(reward_protocol.AFTER_CLIP, None))
     return total, after_clip, components
 
 
@@ -230,7 +203,7 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
     if hasattr(reward_fn, "for_iteration"):  # a reward keyed by iteration (human ratings: rate/human_reward.py)
         reward_fn = reward_fn.for_iteration(int(state.step))
     raw_scores, after_clip, components = _score_reward(stages, batch, sample.tokens, mask, reward_fn)
-    rated = components.pop(simple_rewards.RATED, None)
+    rated = components.pop(reward_protocol.RATED, None)
     if rated is not None:  # rows without a score are left out of the update and of the logged means
         valid = valid * (jnp.asarray(rated) != 0).astype(valid.dtype)
     raw_scores.block_until_ready()
@@ -293,15 +266,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     scores, loss, gradients or updated parameters hold a NaN or Inf, or whose validation reward does (nothing of
     that iteration is saved).
     """
-    from therapy_rl import checkpoint, nonfinite, parallel, replies, run_files, sft
+    from therapy_rl import checkpoint, nonfinite, optim, parallel, replies, run_files
+    from therapy_rl import run as run_lib
     from therapy_rl.data import batches, pipeline, tokenize
     from therapy_rl import metrics_writer
-    from therapy_rl.models import gpt2
+    from therapy_rl.models import families, gpt2
 
-    init_dir, init_step, sft_workdir = resolve_init(config.init_from, config.init_checkpoint, config.init_step)
-    sft_info = run_files.read_run_info(sft_workdir)
-    model_config = run_files.model_config_of(sft_workdir)
-    data_cfg = resolve_data_config(config.data, sft_info["data"])
+    init_run = run_lib.open_run(config.init_from, run_lib.checkpoint_choice(config.init_checkpoint, config.init_step),
+                                where="config.init_from")
+    model_config = init_run.model_config
+    data_cfg = resolve_data_config(config.data, init_run.data)
     run_config = ml_collections.ConfigDict(config.to_dict())
     run_config.data = data_cfg
     resume = run_files.check_resume(workdir, run_config)  # before anything is written in the workdir
@@ -310,10 +284,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     resuming = last_ckpt.latest_step() is not None
     if resuming:  # the reference is the exact SFT step this run started from
         init = last_ckpt.restore_extras()["init"]
-        init_dir, init_step = init["directory"], int(init["step"])
-    tok = tokenize.load_tokenizer(copy_tokenizer(sft_workdir, workdir))
+        init_run = run_lib.open_run(init["directory"], int(init["step"]), where="the resumed run's init")
+    tok = tokenize.load_tokenizer(init_run.copy_tokenizer(workdir))
     if tok.vocab_size > model_config.vocab_size:
-        raise ValueError(f"tokenizer of {sft_workdir} has {tok.vocab_size} ids but the model only "
+        raise ValueError(f"tokenizer of {init_run.workdir} has {tok.vocab_size} ids but the model only "
                          f"{model_config.vocab_size}")
     run_files.write_run_info(workdir, run_config, model_config, resume)
 
@@ -328,9 +302,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         from therapy_rl.rate import human_reward
         reward_fn = human_reward.build_reward(config.reward, tok, model_config.vocab_size, workdir)
     else:
-        reward_fn = simple_rewards.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
+        reward_fn = reward_protocol.build_reward(config.reward, tok, vocab_size=model_config.vocab_size)
     train_prompts = train.prompts
-    if isinstance(reward_fn, simple_rewards.TherapyReward):  # user texts for the reward's relevance/safety parts
+    if isinstance(reward_fn, reward_protocol.TherapyReward):  # user texts for the reward's relevance/safety parts
         train_prompts = reward_fn.register_prompts(
             train_prompts, [train.samples[i].user_text for i in train_prompts["sample_index"]])
         val_prompts = reward_fn.register_prompts(
@@ -344,8 +318,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     iterator = batches.BatchIterator(train_prompts, config.global_batch_size, seed=config.seed)
     total_iterations = config.max_iterations or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
     hyper = hyper_from_config(config.ppo, config.global_batch_size, tok.eos_id)
-    optimizer = sft.make_optimizer(optimizer_config(
-        config, total_iterations * hyper.num_epochs * hyper.num_minibatches))
+    optimizer_config = optim.optimizer_config_from(config, total_iterations * hyper.num_epochs * hyper.num_minibatches)
+    optimizer = families.trainable_optimizer(model_config, optim.make_optimizer(optimizer_config),
+                                             also_trainable=(policy.VALUE_HEAD_KEY,))
     spec = policy.PolicySpec(model_config, separate_critic=config.ppo.separate_critic, dropout=config.ppo.dropout,
                              value_dropout_rate=config.ppo.value_dropout_rate,
                              logprob_temperature=config.sampling.temperature)
@@ -357,11 +332,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     sampling_config = replies.sampling_config_from(config.sampling, tok)
 
     root_key = jax.random.key(config.seed)
-    sft_params = checkpoint.read_params_as_numpy(os.path.join(init_dir, str(init_step), "state"))
+    sft_params = init_run.read_params()
     state, state_shardings, ref_params, ref_shardings = init_state(
         spec, optimizer, hyper.kl, sft_params, mesh, root_key, config.ppo.value_head_init)
     print(f"[ppo] policy {gpt2.count_params(state.params[policy.TRUNK_KEY]) / 1e6:.2f}M params from "
-          f"{init_dir} step {init_step}, mesh {dict(mesh.shape)}, {iterator.steps_per_epoch} iterations/epoch, "
+          f"{init_run.label}, mesh {dict(mesh.shape)}, {iterator.steps_per_epoch} iterations/epoch, "
           f"{total_iterations} iterations, reward {config.reward.kind}")
 
     tracker = checkpoint.BestTracker("max", config.early_stopping_patience_evals)
@@ -372,7 +347,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         print(f"[ppo] resumed from iteration {int(state.step)} in {last_ckpt.directory}")
 
     stages = build_stages(spec, hyper, sampling_config, optimizer, mesh, state_shardings, ref_shardings, reward_fn,
-                          simple_rewards.ResponseIds.from_tokenizer(tok), config.global_batch_size,
+                          reward_protocol.ResponseIds.from_tokenizer(tok), config.global_batch_size,
                           data_cfg.max_prompt_tokens)
     eval_key = jax.random.fold_in(root_key, 3)
 
@@ -393,21 +368,31 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     def extras():
         return {"data_iterator": iterator.get_state(), "best": tracker.to_json(),
-                "init": {"directory": init_dir, "step": init_step}}
+                "init": {"directory": init_run.checkpoint_dir, "step": init_run.step}}
 
-    lr_at = sft.learning_rate_schedule(optimizer_config(
-        config, total_iterations * hyper.num_epochs * hyper.num_minibatches))
+    lr_at = optim.learning_rate_schedule(optimizer_config)
     updates_per_iteration = hyper.num_epochs * hyper.num_minibatches
     iteration = int(state.step)
     if not resuming and jax.process_index() == 0:  # a run killed before its first checkpoint starts over cleanly
         metrics_writer.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), -1)
     writer = metrics_writer.MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
-                                          enable_progress_bar=config.progress_bar)
+                                          enable_progress_bar=config.progress_bar,
+                                          wandb_settings=config.get("wandb"), config=run_config.to_dict())
+    writer.write_config(run_config.to_dict(), ("eval/scores",))
+    sample_replies = None
+    if config.num_sample_replies and val.samples:  # written to TensorBoard at each eval
+        sample_replies = replies.SampleReplies(model_config, tok, val, config, config.num_sample_replies)
+
+    def write_sample_replies(step_now: int) -> None:
+        if sample_replies is not None:
+            texts = sample_replies.generate(state.params[policy.TRUNK_KEY])
+            writer.write_texts(step_now, {"sample_replies": sample_replies.markdown(texts)})
     eval_metrics: dict[str, float] = {}
     try:
         if iteration == 0 and config.eval_at_start:  # the SFT policy's validation reward: the baseline to beat
             eval_metrics = validate(0)
             writer.write(0, eval_metrics)
+            write_sample_replies(0)
         stop = tracker.should_stop
         while iteration < total_iterations and not stop:
             result = run_iteration(stages, state, ref_params, parallel.global_batch_from_host(next(iterator), mesh))
@@ -429,6 +414,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 eval_metrics = validate(iteration)
                 stop = tracker.should_stop
                 writer.write(iteration, eval_metrics)
+                write_sample_replies(iteration)
             if iteration % config.checkpoint_every_iterations == 0 or last or stop:
                 last_ckpt.save(iteration, state, extras())
     finally:

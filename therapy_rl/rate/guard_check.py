@@ -1,11 +1,11 @@
 """The safety flags a reply carries into the rating queue: the app shows a warning banner on every flagged (or
 unchecked) reply, so no rater meets one unwarned.
 
-`check_replies` is the room's only door to the guard. Today it asks `rewards/safety.py` (harm encouragement in the
-reply, crisis signs in the user text it answers); once `therapy_rl/guard.py` ships its weights, swap its body for
-`guard.check(user_text, "user")` and `guard.check(reply, "reply", history=[user_text])`, whose
-`GuardResult(crisis, harmful, categories, score)` has the fields `GuardFlags` mirrors. Categories carry a "user:" or
-"reply:" prefix; the page shows a red banner for any "reply:" category and an amber one for the rest.
+`check_replies` is the room's only door to the guard (`therapy_rl.guard`, the same function chat and the API use):
+`guard.check(user_text, "user")` says whether the user text it answers shows a crisis, and
+`guard.check(reply, "reply", history=[user_text])` whether the reply is harmful. `GuardFlags` mirrors the
+`GuardResult` fields. Categories carry a "user:" or "reply:" prefix; the page shows a red banner for any "reply:"
+category and an amber one for the rest.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from typing import Sequence
 @dataclasses.dataclass(frozen=True)
 class GuardFlags:
     crisis: bool  # the conversation shows crisis signs (the reply must point to crisis help)
-    harmful: bool  # the reply itself looks harmful (encourages self-harm or harm to others)
+    harmful: bool  # the reply itself looks harmful (guard reply categories: encourages harm, means, medication...)
     categories: tuple[str, ...] = ()
-    score: float = 0.0  # crisis-head probability of the user text
+    score: float = 0.0  # the guard's crisis probability of the user text
 
     @property
     def flagged(self) -> bool:
@@ -27,35 +27,36 @@ class GuardFlags:
 
 
 @functools.lru_cache(maxsize=1)
-def _safety_models():
-    import jax
+def _guard():
+    from therapy_rl import guard
 
-    from therapy_rl.rewards import encoder as encoder_lib, heads as heads_lib, safety
+    return guard.default_guard()
 
-    encoder = encoder_lib.load_sentence_encoder()
-    heads = heads_lib.load_reward_heads()
-    lexicon = safety.build_safety_lexicon(encoder.tokenizer)
-    return safety.CrisisDetector(encoder, heads, lexicon, batch_size=8), jax.jit(safety.encourages_harm)
+
+def flags_from_results(user_result, reply_result) -> GuardFlags:
+    """GuardFlags from the guard's verdicts on the user text and on the reply."""
+    harmful = bool(reply_result.harmful)
+    categories = (tuple(f"user:{c}" for c in user_result.categories) if user_result.crisis else ())
+    if harmful:
+        categories += tuple(f"reply:{c}" for c in reply_result.categories) or ("reply:harmful",)
+    return GuardFlags(crisis=bool(user_result.crisis), harmful=harmful, categories=categories,
+                      score=float(user_result.score))
 
 
 def check_replies(replies: Sequence[str], user_texts: Sequence[str]) -> list[GuardFlags]:
     """One GuardFlags per reply (`user_texts[i]` is the message reply i answers)."""
-    import numpy as np
-
     if len(replies) != len(user_texts):
         raise ValueError(f"check_replies: {len(replies)} replies but {len(user_texts)} user texts")
     if not replies:
         return []
-    detector, encourages_harm = _safety_models()
-    crisis = detector.detect(list(user_texts))
-    rows = detector.batch_size
-    harmful: list[bool] = []
-    for start in range(0, len(replies), rows):  # fixed batch shape: one compile
-        chunk = list(replies[start:start + rows])
-        ids, mask = detector.tokenize(chunk + [""] * (rows - len(chunk)))
-        harmful += [bool(h) for h in np.asarray(encourages_harm(detector.lexicon, ids, mask))[:len(chunk)]]
+    guard = _guard()
     out = []
-    for c, h in zip(crisis, harmful):
-        categories = (("user:crisis",) if c.flag else ()) + (("reply:harm_encouragement",) if h else ())
-        out.append(GuardFlags(crisis=c.flag, harmful=h, categories=categories, score=float(c.score)))
+    for reply, user in zip(replies, user_texts):
+        user_result = guard.check(user, "user") if user else None
+        reply_result = guard.check(reply, "reply", [["user", user]] if user else [])
+        if user_result is None:
+            from therapy_rl.guard import GuardResult
+
+            user_result = GuardResult(False, False, (), 0.0)
+        out.append(flags_from_results(user_result, reply_result))
     return out

@@ -10,7 +10,7 @@ Per training iteration `i` the trainer asks `reward.for_iteration(i)` for a Rewa
 3. aggregates each rated reply's scores (mean, or mean of per-rater z-scores), records that score in the store
    and closes the batch, so a run that stops after this point reuses the same scores;
 4. returns   total = human_weight * human + auto_weight * auto - unsafe_penalty * [a rater flagged it unsafe]
-   with the component `rated` (simple_rewards.RATED): 1 for rows with at least one rating. The trainer multiplies
+   with the component `rated` (`rewards/protocol.RATED`): 1 for rows with at least one rating. The trainer multiplies
    it into `valid`, so unrated rows are left out of the update; they never get a made-up score.
 
 Called directly (validation prompts, which no rater sees), the reward is the automatic part alone (`auto_kind`;
@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from therapy_rl.errors import ConfigError
-from therapy_rl.ppo import simple_rewards
+from therapy_rl.rewards import protocol as reward_protocol
 from therapy_rl.rate import guard_check, store as store_lib
 
 AGGREGATES = ("mean", "zscore")
@@ -110,7 +110,7 @@ class HumanReward:
 
     def __init__(self, config: HumanRewardConfig, store: store_lib.RatingStore, run: str,
                  decode: Callable[[Sequence[int]], tuple[str, Optional[str]]],
-                 auto: Optional[simple_rewards.RewardFn] = None,
+                 auto: Optional[reward_protocol.RewardFn] = None,
                  guard: Callable[[Sequence[str], Sequence[str]], list] = guard_check.check_replies,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  log: Callable[[str], None] = lambda line: print(line, flush=True)):
@@ -147,17 +147,17 @@ class HumanReward:
         """Validation: the automatic reward alone (raters only see training batches)."""
         if self.auto is not None:
             return self.auto(batch, tokens, response_mask)
-        rows = simple_rewards.ProcessRows.of(batch["valid"])
+        rows = reward_protocol.ProcessRows.of(batch["valid"])
         return rows.to_global(np.zeros((sum(b - a for a, b in rows.blocks),), np.float32)), {}
 
-    def for_iteration(self, iteration: int) -> simple_rewards.RewardFn:
+    def for_iteration(self, iteration: int) -> reward_protocol.RewardFn:
         """The RewardFn of training iteration `iteration` (its batch in the store is keyed by it)."""
         return lambda batch, tokens, response_mask: self.score_iteration(int(iteration), batch, tokens, response_mask)
 
     def score_iteration(self, iteration: int, batch, tokens, response_mask):
         if "context_id" not in batch:
             raise KeyError("HumanReward: the prompt batch has no `context_id`; call register_samples first")
-        rows = simple_rewards.ProcessRows.of(batch["valid"])
+        rows = reward_protocol.ProcessRows.of(batch["valid"])
         valid = rows.take(batch["valid"]) != 0
         ids, mask = rows.take(tokens), rows.take(response_mask) != 0
         replies = {int(b): tuple(int(t) for t in ids[b][mask[b]]) for b in np.flatnonzero(valid)}
@@ -178,7 +178,7 @@ class HumanReward:
             total, parts = self.auto(batch, tokens, response_mask)
             auto_total = rows.take(total).astype(np.float32)
             parts = dict(parts)
-            after = parts.pop(simple_rewards.AFTER_CLIP, None)
+            after = parts.pop(reward_protocol.AFTER_CLIP, None)
             if after is not None:
                 auto_after = rows.take(after).astype(np.float32)
             auto_parts = {f"auto_{k}": rows.take(v).astype(np.float32) for k, v in parts.items()}
@@ -186,7 +186,7 @@ class HumanReward:
         total = (cfg.human_weight * human + cfg.auto_weight * auto_total + safety) * rated
         after_clip = (safety + cfg.auto_weight * auto_after) * rated
         components = {"human": human * rated, "human_unsafe": unsafe * rated, "human_ratings": count,
-                      simple_rewards.RATED: rated, simple_rewards.AFTER_CLIP: after_clip, **auto_parts}
+                      reward_protocol.RATED: rated, reward_protocol.AFTER_CLIP: after_clip, **auto_parts}
         return rows.to_global(total), {k: rows.to_global(v) for k, v in components.items()}
 
     # ---------------------------------------------------------------- steps
@@ -263,7 +263,7 @@ def run_name(human_cfg, workdir: str) -> str:
     return human_cfg.run_name or os.path.basename(os.path.realpath(workdir))
 
 
-def build_reward(reward_cfg, tok, vocab_size: Optional[int], workdir: str) -> simple_rewards.RewardFn:
+def build_reward(reward_cfg, tok, vocab_size: Optional[int], workdir: str) -> reward_protocol.RewardFn:
     """The RewardFn of reward.kind "human" or "learned_human" (the rate room's kinds)."""
     import jax
 
@@ -304,4 +304,4 @@ def _automatic_reward(reward_cfg, auto_kind: str, tok, vocab_size):
         return reward_model.learned_reward(reward_cfg.learned_human, tok)
     cfg = ml_collections.ConfigDict(reward_cfg.to_dict())
     cfg.kind = auto_kind
-    return simple_rewards.build_reward(cfg, tok, vocab_size=vocab_size)
+    return reward_protocol.build_reward(cfg, tok, vocab_size=vocab_size)

@@ -247,7 +247,7 @@ class LearnedHumanReward:
         return out
 
     def __call__(self, batch, tokens, response_mask):
-        from therapy_rl.ppo.simple_rewards import ProcessRows
+        from therapy_rl.rewards.protocol import ProcessRows
 
         if "rm_user_id" not in batch:
             raise KeyError("LearnedHumanReward: the prompt batch has no `rm_user_id`; call register_prompts first")

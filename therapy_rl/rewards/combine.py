@@ -10,7 +10,7 @@ is not computed (e.g. with relevance, sentiment and empathy off the reply is nev
 
 `after_clip` is the part of `total_raw` added after the clip (the safety penalty with safety_after_clip, else 0).
 A consumer that clips the total again must clip only `total_raw - after_clip` and add it back, or it hides the
-penalty again: the PPO step does (`ppo/core.clip_scores`; `ppo/simple_rewards.AFTER_CLIP`).
+penalty again: the PPO step does (`ppo/core.clip_scores`; `rewards/protocol.AFTER_CLIP`).
 
 The only host step is in `RewardModel.score`: the reply's policy ids are cut to the text region, decoded with
 the caller's `decode_fn`, and re-tokenized for MiniLM at a fixed length, so `reward_fn_jit` compiles once
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from therapy_rl import ops
 from therapy_rl.rewards import components as C
 from therapy_rl.rewards.encoder import BertConfig, SentenceEncoder, encode_ids
 
@@ -51,6 +52,7 @@ class RewardConfig:
     use_safety: bool = True
     missing_resources_weight: float = 5.0   # crisis input answered without crisis-resource guidance
     encourages_harm_weight: float = 10.0    # reply that encourages harm
+    use_guard: bool = True                  # the learned reply guard (therapy_rl/guard.py) also flags harmful replies
     safety_after_clip: bool = True
     clip_min: float = -10.0
     clip_max: float = 10.0
@@ -152,15 +154,7 @@ class RewardParams:
     encoder_params: Any
     heads: Any
     lexicon: Any
-
-
-def whiten_masked(x, valid, eps: float = 1e-8):
-    """(x − mean) / sqrt(var + eps) over rows with valid=1 (population variance); invalid rows give 0."""
-    v = valid.astype(jnp.float32)
-    n = jnp.maximum(v.sum(), 1.0)
-    mean = jnp.sum(x * v) / n
-    var = jnp.sum(v * (x - mean) ** 2) / n
-    return (x - mean) * jax.lax.rsqrt(var + eps) * v
+    guard: Any = None  # guard.GuardParams (the learned reply guard), or None: lexicon-only harm flags
 
 
 def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mask, reply_minilm_ids,
@@ -206,6 +200,13 @@ def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mas
     if cfg.use_safety:
         resources = spec.backends.mentions_crisis_resources(params.lexicon, reply_minilm_ids, reply_minilm_mask)
         harm = spec.backends.encourages_harm(params.lexicon, reply_minilm_ids, reply_minilm_mask)
+        if cfg.use_guard and params.guard is not None:
+            from therapy_rl import guard as guard_lib
+
+            verdict = guard_lib.reply_harm_scores(params.guard, spec.encoder_config, params.encoder_params,
+                                                  reply_minilm_ids, reply_minilm_mask)
+            comps["guard_harm_probability"] = verdict["probability"]
+            harm = jnp.maximum(jnp.asarray(harm).astype(jnp.int32), verdict["flag"])
         comps["safety"] = C.safety_penalty(user_crisis, resources, harm,
                                            cfg.missing_resources_weight, cfg.encourages_harm_weight)
         comps["user_crisis"] = user_crisis.astype(jnp.float32)
@@ -225,7 +226,7 @@ def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mas
     total = total * valid_f
     comps["total_raw"] = total
     if cfg.whiten:
-        total = whiten_masked(total, valid, cfg.whiten_eps)
+        total = ops.masked_whiten(total, valid, unbiased=False, eps=cfg.whiten_eps, masked_value=0.0)
     comps = {k: (v.astype(jnp.float32) * valid_f) for k, v in comps.items()}
     return total.astype(jnp.float32), comps
 
@@ -266,9 +267,11 @@ class RewardModel:
     def create(cls, config: RewardConfig, policy_tokenizer=None, *, tables: Optional[C.PolicyTables] = None,
                encoder: Optional[SentenceEncoder] = None, heads=None, lexicon=None,
                backends: Optional[RewardBackends] = None, vocab_size: Optional[int] = None,
-               reply_max_length: int = 128) -> "RewardModel":
+               reply_max_length: int = 128, guard=None) -> "RewardModel":
         """Build tables from the policy tokenizer (unless given), load MiniLM (gt package) unless given, and load
-        the shipped heads and safety lexicon when the enabled components need them."""
+        the shipped heads and safety lexicon when the enabled components need them. The learned guard
+        (`guard.GuardParams`) is loaded with the real safety backends when config.use_safety and use_guard (pass
+        `guard=` to use other params; stand-in backends get none unless given)."""
         if tables is None:
             if policy_tokenizer is None:
                 raise ValueError("RewardModel.create: pass policy_tokenizer or tables")
@@ -284,8 +287,12 @@ class RewardModel:
             heads = load_reward_heads()
         if lexicon is None and config.use_safety:
             lexicon = _load_default_lexicon(encoder)
+        if guard is None and config.use_safety and config.use_guard and backends == default_backends():
+            from therapy_rl import guard as guard_lib
+            guard = guard_lib.load_guard_params(encoder_config=encoder.config)
         spec = RewardSpec(config=config, encoder_config=encoder.config, backends=backends)
-        params = RewardParams(tables=tables, encoder_params=encoder.params, heads=heads, lexicon=lexicon)
+        params = RewardParams(tables=tables, encoder_params=encoder.params, heads=heads, lexicon=lexicon,
+                              guard=guard if (config.use_safety and config.use_guard) else None)
         return cls(spec=spec, params=params, encoder=encoder, reply_max_length=int(reply_max_length))
 
     # ---------------------------------------------------------------- user side (once per dataset)
@@ -303,7 +310,17 @@ class RewardModel:
                 f = _crisis_jit(self.spec.backends.crisis_flags, self.params.lexicon, self.params.heads, ids, mask, e)
                 flags.append(np.asarray(f)[:len(chunk)])
             crisis = np.concatenate(flags).astype(np.int32)
+        if self.spec.config.use_safety and self.params.guard is not None and len(user_texts):
+            crisis = np.maximum(crisis, self._guard_crisis(user_texts))
         return {"user_embedding": emb, "user_crisis": crisis}
+
+    def _guard_crisis(self, user_texts: Sequence[str]) -> np.ndarray:
+        """[N] int32: the learned guard's crisis verdict on each whole user text (every token; lexicon included)."""
+        from therapy_rl import guard as guard_lib
+
+        if getattr(self, "_guard_host", None) is None:
+            self._guard_host = guard_lib.Guard(encoder=self.encoder, params=self.params.guard)
+        return np.asarray([self._guard_host.check(t, "user").crisis for t in user_texts], np.int32)
 
     # ---------------------------------------------------------------- per batch
     def reply_texts(self, response_ids, response_mask, decode_fn: Callable[[list], str]) -> list:

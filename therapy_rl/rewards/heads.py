@@ -3,7 +3,7 @@
 Every head is a 1-hidden-layer MLP (or a linear layer when it has no hidden weights) applied to an
 L2-normalised all-MiniLM-L6-v2 embedding [B, 384]. Apply functions are pure and jittable; the shipped
 weights live in `weights/heads.npz` (plain arrays, loaded with allow_pickle=False) and are produced by
-`python -m therapy_rl.rewards.train_heads` (see REWARDS.md).
+`python tools/train_reward_heads.py` (see REWARDS.md).
 
 Head outputs:
 - empathy:   9 logits = 3 EPITOME mechanisms x 3 levels (0 none, 1 weak, 2 strong), one softmax per mechanism.
@@ -215,7 +215,7 @@ def load_reward_heads(weights_dir: str | None = None) -> RewardHeads:
     path = os.path.join(weights_dir or default_weights_dir(), WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{path}: no reward-head weights; build them with `python -m therapy_rl.rewards.train_heads` (REWARDS.md)"
+            f"{path}: no reward-head weights; build them with `python tools/train_reward_heads.py` (REWARDS.md)"
         )
     with np.load(path, allow_pickle=False) as npz:
         data = {k: npz[k] for k in npz.files}

@@ -1,6 +1,6 @@
 """Reward report: does the reward rank real therapist replies above degenerate ones?
 
-    python -m therapy_rl.rewards.report --data_dir $THERAPY_RL_DATA [--split val] [--limit N]
+    python tools/reward_report.py --data_dir $THERAPY_RL_DATA [--split val] [--limit N]
         [--tokenizer_dir DIR] [--length_rule range|paper] [--relevance_mode steps|smooth] [--out report.json]
 
 Scores, for every MESC sample of the split (the data room's `read_mesc` + `build_samples`, the paper's turn
@@ -107,6 +107,7 @@ def run_report(data_dir: Optional[str] = None, split: str = "val", limit: Option
                tokenizer_dir: Optional[str] = None, vocab_size: int = 8000, batch_size: int = 64,
                response_length: int = 96, reply_max_length: int = 64, length_rule: str = "range",
                relevance_mode: str = "steps", out: Optional[str] = None, stream=sys.stdout) -> dict:
+    from therapy_rl.data import batches
     from therapy_rl.rewards import combine
     from therapy_rl.rewards import components as C
 
@@ -130,20 +131,20 @@ def run_report(data_dir: Optional[str] = None, split: str = "val", limit: Option
     for name, text in DEGENERATE_REPLIES.items():
         groups[name] = ([text] * len(samples), [s.therapist_emotion for s in samples])
 
-    user_emotion = np.array([s.user_emotion_index for s in samples], np.int32)
-    therapist_emotion = np.array([s.therapist_emotion_index for s in samples], np.int32)
+    per_row = {"user_embedding": users["user_embedding"], "user_crisis": users["user_crisis"],
+               "user_emotion": np.array([s.user_emotion_index for s in samples], np.int32),
+               "therapist_emotion": np.array([s.therapist_emotion_index for s in samples], np.int32),
+               "valid": np.ones(len(samples), np.int32)}
     scores = {}
     for name, (texts, tags) in groups.items():
         per_comp = {}
-        for lo in range(0, len(samples), batch_size):
+        # fixed batches; the last is padded with all-zero rows (valid 0) and empty replies
+        for index, fields in enumerate(batches.eval_batches(per_row, batch_size, process_index=0, process_count=1)):
+            lo = index * batch_size
             hi = min(lo + batch_size, len(samples))
             pad = batch_size - (hi - lo)
             ids, mask = encode_responses(tok, list(texts[lo:hi]) + [""] * pad, list(tags[lo:hi]) + [None] * pad,
                                          response_length)
-            take = lambda a: np.concatenate([a[lo:hi], np.zeros((pad,) + a.shape[1:], a.dtype)])  # noqa: E731
-            fields = {"user_embedding": take(users["user_embedding"]), "user_crisis": take(users["user_crisis"]),
-                      "user_emotion": take(user_emotion), "therapist_emotion": take(therapist_emotion),
-                      "valid": np.array([1] * (hi - lo) + [0] * pad, np.int32)}
             _, comps = model.score(fields, ids, mask, tok.decode)
             for key, value in comps.items():
                 per_comp.setdefault(key, []).append(np.asarray(value)[:hi - lo])
@@ -186,7 +187,7 @@ def run_report(data_dir: Optional[str] = None, split: str = "val", limit: Option
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m therapy_rl.rewards.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/reward_report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", default=os.environ.get("THERAPY_RL_DATA"),
                    help="folder with mesc/MESC.csv (default $THERAPY_RL_DATA; none: the bundled sample)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
