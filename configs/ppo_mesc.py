@@ -4,8 +4,11 @@
 
 Batch and mini-batch 16, 4 PPO epochs, lr 1e-6, clip 0.2, value weight 0.1, adaptive KL 0.2 (target 6, horizon
 10000), gamma 1, lambda 0.95, sampled replies of at most 128 new tokens, the project's reward (rewards/combine.py),
-clipped to [-10, 10] and whitened per batch. Unlike the paper, prompts carry an attention mask and the checkpoint
-kept in best/ is the one with the highest validation reward (the SFT policy itself included).
+clipped to [-10, 10] and z-scored over the batch's sequence scores (the project's choice; the paper's code whitened
+the per-token rewards, mean kept). The reference is the frozen SFT policy, as the paper describes (its code shared
+the policy's weights, so its KL penalty was 0: configs/ppo_paper_as_run.py). Unlike the paper, prompts carry an
+attention mask and the checkpoint kept in best/ is the one with the highest validation reward (the SFT policy itself
+included). The paper's method named three ways: configs/ppo_paper_as_described.py, ppo_paper_as_run.py, ppo_ours.py.
 Data options (format, lengths) come from the SFT run's run_info.json unless set here.
 """
 

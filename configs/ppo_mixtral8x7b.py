@@ -12,7 +12,7 @@ policy/aux_loss_avg. The reference policy is the trunk with its adapters off: no
 Mesh (documented, 32 devices: a TPU v5p-64 slice's 32 chips, or 4 hosts of 8 x H100-80GB):
 data=2 (and the expert axis: each MoE layer's 8 experts split 4 + 4), fsdp=8, tensor=2.
 Parameters are bf16 (93 GiB in all): 2.9 GiB per device; see the README's memory table and
-`python -m therapy_rl.memory --config configs/ppo_mixtral8x7b.py --family mixtral --mesh 2,8,2`.
+`python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py --preset mixtral-8x7b --mesh 2,8,2`.
 """
 
 from therapy_rl import defaults

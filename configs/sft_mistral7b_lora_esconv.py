@@ -6,9 +6,10 @@ Healthcare").
 
 The checkpoint folder holds config.json, model.safetensors (or model-0000k-of-0000n.safetensors + the index) and
 tokenizer.json; its weights are read tensor by tensor straight into the mesh shards. LoRA rank 16, alpha 32,
-dropout 0.05 on q/k/v/o; only the adapters train and only they have optimizer state. bfloat16 compute with remat.
-Mesh: fsdp over the devices of a host and tensor parallel 1 (one v4-8 / v5e-8 or 8 x A100-80GB: params 1.8 GiB,
-activations well under the HBM; `python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py`).
+dropout 0.05 on q/k/v/o; only the adapters (and, for the run's new marker tokens, the token embedding and LM head:
+`model.lora.train_embeddings`) train and only they have optimizer state. bfloat16 compute with remat.
+Mesh: fsdp over the devices of a host and tensor parallel 1 (one v4-8 host or 8 x A100: about 4 GiB per device
+with remat; `python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py --preset mistral-7b`).
 Tiny CPU run (tests): --config.model.hf_checkpoint=TINY_DIR --config.max_steps=2 --config.mesh.fsdp=4 ...
 """
 

@@ -1,4 +1,5 @@
-"""LoRA: adapters by regex, frozen base, adapter-only optimizer state, merge, PEFT export, SFT lowers the loss."""
+"""LoRA: adapters by regex, frozen base, adapter-only optimizer state, merge, PEFT export, SFT lowers the loss;
+and the SFT step's MoE load-balancing term (weighted by the config, logged)."""
 import functools
 import json
 import os
@@ -131,3 +132,37 @@ def test_bad_lora_settings_are_refused():
         lora.LoraConfig(rank=0)
     with pytest.raises(ValueError, match="target_regex"):
         lora.LoraConfig(target_regex="(")
+
+
+def test_router_aux_loss_is_weighted_by_the_config_and_logged():
+    import optax
+
+    moe = CFG.replace(model_type="mixtral", num_local_experts=4, sliding_window=0)
+    params = mistral.init_params(moe, jax.random.key(2))
+    ids, mask = _batch()
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.astype(np.float32)}
+    aux = mistral.MistralForCausalLM(moe).apply({"params": params}, ids, mask).aux_loss
+    grads = {}
+    for coef in (0.0, 1.0):
+        config = moe.replace(router_aux_loss_coef=coef)
+        opt = optax.sgd(1.0)
+        step = jax.jit(sft.make_train_step(mistral.MistralForCausalLM(config), opt, dropout=False))
+        new, metrics = step(sft.create_train_state(params, opt, 0), batch)
+        np.testing.assert_allclose(float(metrics["train/aux_loss"]), float(aux), rtol=1e-5)
+        grads[coef] = np.asarray(params["layers_0"]["block_sparse_moe"]["gate"]["kernel"]
+                                 - new.params["layers_0"]["block_sparse_moe"]["gate"]["kernel"])
+    aux_grad = jax.grad(lambda p: mistral.MistralForCausalLM(moe).apply({"params": p}, ids, mask).aux_loss)(params)
+    np.testing.assert_allclose(grads[1.0] - grads[0.0],
+                               np.asarray(aux_grad["layers_0"]["block_sparse_moe"]["gate"]["kernel"]), atol=1e-5)
+
+
+def test_train_embeddings_adds_the_embedding_and_head_to_the_trainable_set():
+    config = CFG.replace(lora=lora.LoraConfig(rank=4, train_embeddings=True))
+    params = mistral.init_params(config, jax.random.key(0))
+    optimizer = families.trainable_optimizer(config, optax.adam(1e-2))
+    state = sft.create_train_state(params, optimizer, 0)
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if getattr(x, "ndim", 0) > 0)
+    assert moments == 2 * (lora.count_adapter_params(params) + 2 * 61 * 32)
+    frozen = families.trainable_optimizer(config, optax.adam(1e-2), embeddings=False)  # PPO's choice
+    moments = sum(x.size for x in jax.tree.leaves(frozen.init(params)) if getattr(x, "ndim", 0) > 0)
+    assert moments == 2 * lora.count_adapter_params(params)

@@ -284,9 +284,25 @@ def test_real_heads_and_safety_backends(tok, encoder):
     f = fields(encoder)
     total, comps = model.score(f, ids, mask, tok.decode)
     texts = [t for t, _ in REPLIES]
-    # crisis users: row 1 gets "It will pass." (no crisis resources: -5); row 5 is padding. No reply encourages harm.
-    np.testing.assert_allclose(np.asarray(comps["safety"]), [0.0, -5.0, 0.0, 0.0, 0.0, 0.0], atol=1e-6)
-    assert not np.asarray(comps["reply_harm"]).any()
+    # crisis users: row 1 gets "It will pass." (no crisis resources: -5); row 5 is padding. A reply is harmful when
+    # the lexicon or the learned guard (therapy_rl/guard.py, loaded with the real backends) flags it.
+    from therapy_rl import guard as guard_lib
+
+    assert model.params.guard is not None
+    minilm_ids, minilm_mask = encoder.tokenize(texts, L)
+    lexicon_harm = np.asarray(safety.encourages_harm(lexicon, minilm_ids, minilm_mask))
+    learned = np.asarray(guard_lib.reply_harm_scores(model.params.guard, encoder.config, encoder.params, minilm_ids,
+                                                     minilm_mask)["flag"])
+    harm = np.maximum(lexicon_harm, learned) * np.asarray(VALID)
+    assert not lexicon_harm.any() and harm[[0, 2]].sum() == 0  # "That sounds really hard", "How does that make..."
+    np.testing.assert_allclose(np.asarray(comps["reply_harm"]), harm, atol=1e-6)
+    want = (np.asarray([0.0, -5.0, 0.0, 0.0, 0.0, 0.0]) - 10.0 * harm) * np.asarray(VALID)
+    np.testing.assert_allclose(np.asarray(comps["safety"]), want, atol=1e-6)
+    no_guard = R.RewardModel.create(R.RewardConfig(use_guard=False), tok, encoder=encoder, heads=heads,
+                                    lexicon=lexicon, reply_max_length=L)
+    assert no_guard.params.guard is None
+    _, plain = no_guard.score(f, ids, mask, tok.decode)
+    np.testing.assert_allclose(np.asarray(plain["safety"]), [0.0, -5.0, 0.0, 0.0, 0.0, 0.0], atol=1e-6)
     emb = encoder.embed(texts)
     np.testing.assert_allclose(np.asarray(comps["empathy"])[:5],
                                (np.asarray(heads_lib.empathy_probability(heads, emb)) * 1.1 - 0.5)[:5], atol=1e-4)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from therapy_rl import defaults
 
-_ROOTS = {"sft": "sft_defaults", "ppo": "ppo_defaults", "eval": "eval_defaults"}
+_ROOTS = {"sft": "sft_defaults", "ppo": "ppo_defaults", "eval": "eval_defaults", "repro": "repro_defaults"}
 
 
 def _trailing_comments(source: str) -> dict[int, str]:

@@ -89,6 +89,10 @@ SFT_RULES = {
     "model.n_layer": POSITIVE, "model.n_head": POSITIVE, "model.n_embd": POSITIVE, "model.n_positions": POSITIVE,
     "model.dropout_rate": number(0, 1, high_open=True), "model.dtype": one_of("float32", "bfloat16"),
     "model.remat": BOOL, "tokenizer.bpe_vocab_size": POSITIVE,
+    "model.family": one_of("", "gpt2", "mistral", "llama", "qwen2", "mixtral"), "model.lora.rank": COUNT,
+    "model.lora.alpha": number(0, low_open=True), "model.lora.train_embeddings": BOOL, "model.lora.dropout_rate": number(0, 1, high_open=True),
+    "model.decoder.n_kv_head": COUNT, "model.decoder.intermediate_size": COUNT, "model.decoder.sliding_window": COUNT,
+    "model.decoder.num_experts": POSITIVE, "model.decoder.experts_per_token": POSITIVE,
 }
 PPO_RULES = {
     **OPTIMIZER_RULES, "init_checkpoint": one_of(*CHECKPOINT_CHOICES), "init_step": STEP_OR_LATEST,
@@ -106,6 +110,10 @@ PPO_RULES = {
     "ppo.separate_critic": BOOL, "ppo.dropout": BOOL, "ppo.value_dropout_rate": number(0, 1, high_open=True),
     "ppo.value_head_init": one_of("torch_linear", "scaled_normal", "zeros"),
     "reward.kind": one_of("therapy", "emotion_tag", "target_token", "human", "learned_human"),
+    "reward.therapy.relevance_text": one_of("raw", "paper_clean"),
+    "reward.therapy.quality.formula": one_of("tokens", "paper_code"),
+    "reward.therapy.quality.length_rule": one_of("range", "paper", "none"),
+    "reward.therapy.emotion_scores.conflict_absolute": BOOL,
 }
 EVAL_RULES = {
     "seed": COUNT, "checkpoint_which": one_of(*CHECKPOINT_CHOICES), "checkpoint_step": STEP_OR_LATEST,

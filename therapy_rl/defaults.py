@@ -55,7 +55,7 @@ def model_defaults() -> ml_collections.ConfigDict:
     m.family = ""  # gpt2 | mistral | llama | qwen2 | mixtral; "" = the hf_checkpoint's model_type, else gpt2
     m.decoder = decoder_defaults()  # shape of a fresh mistral/llama/qwen2/mixtral (an HF checkpoint's wins)
     m.router_aux_loss_coef = -1.0  # MoE load-balancing loss weight; < 0 = the checkpoint's (fresh: 0.02)
-    m.lora = lora_defaults()
+    m.lora = lora_defaults()  # LoRA adapters (rank 0 = off)
     return m
 
 
@@ -77,6 +77,7 @@ def lora_defaults() -> ml_collections.ConfigDict:
     lo.alpha = 16.0  # adapter scale = alpha / rank
     lo.dropout_rate = 0.0  # dropout on the adapter's input in training
     lo.target_regex = r"self_attn/(q_proj|k_proj|v_proj|o_proj)$"  # layers adapted, searched in the param path
+    lo.train_embeddings = True  # SFT also trains the token embedding and LM head (the run's new marker tokens)
     return lo
 
 
@@ -214,9 +215,9 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.gamma = 1.0  # discount
     p.lam = 0.95  # GAE lambda
     p.score_clip = 10.0  # raw reward clipped to [-c, c] (safety penalty exempt) before whitening; <= 0 = off
-    p.whiten_scores = True  # whiten rewards over the batch (the paper)
+    p.whiten_scores = True  # z-score the B sequence scores over the batch (the project's; the paper's code: False)
     p.whiten_advantages = True  # whiten advantages over the batch's tokens (TRL)
-    p.whiten_token_rewards = False  # also whiten the per-token rewards (TRL's option, off in the paper)
+    p.whiten_token_rewards = False  # whiten per-token rewards, mean kept (TRL whiten_rewards; the paper's code: True)
     p.missing_eos_penalty = 0.0  # subtracted from the score of responses that never emit EOS; 0 = off
     p.ratio_threshold = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL 0.11); <= 0 = off
     p.separate_critic = False  # True = a second GPT-2 trunk (from the same SFT params) under the value head
@@ -243,6 +244,14 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     t.use_safety = True  # False = no safety penalty (crisis without resources, encouraged harm)
     t.safety_after_clip = True  # True = the safety penalty is added after the score clip (it is never clipped)
     t.whiten = False  # the PPO step clips and whitens (ppo.score_clip, ppo.whiten_scores)
+    t.relevance_text = "raw"  # raw (project: texts as they are) | paper_clean (paper's code: lower case, no punct.)
+    q = ml_collections.ConfigDict()  # rewards.components.QualityConfig fields (unset ones keep its defaults)
+    q.formula = "tokens"  # tokens (project's rules on policy ids) | paper_code (paper's code on the reply text)
+    q.length_rule = "range"  # tokens formula: range (project) | paper (-10 at 100+ chars or yes/no/ok/thanks) | none
+    t.quality = q
+    es = ml_collections.ConfigDict()  # rewards.components.EmotionScores fields (unset ones keep its defaults)
+    es.conflict_absolute = False  # joy vs negative label: False = 1 - 5 = -4 (project); True = -5 (paper's code)
+    t.emotion_scores = es
     r.therapy = t
     e = ml_collections.ConfigDict()  # emotion_tag: a simple reward read from the response's token ids
     e.present_weight = 1.0  # a valid emotion label after <therapist_emotion>
@@ -336,4 +345,75 @@ def eval_defaults() -> ml_collections.ConfigDict:
     r.paper_table = "auto"  # auto (mesc -> Table 5, esconv -> Table 6, else none) | mesc | esconv | none
     r.n_sample_rows = 10  # sample generations shown in report.md
     c.report = r
+    return c
+
+
+PRETRAIN_SOURCES = ("mesc_train", "esconv", "empatheticdialogues", "counsel_chat", "annomi", "depression_severity",
+                    "reddit_cssrs", "sdcnl", "epitome")
+
+
+def repro_defaults() -> ml_collections.ConfigDict:
+    """``python -m therapy_rl.repro``: pre-training, SFT with and without emotion, PPO in three configurations,
+    decoding chosen on MESC validation, evaluation on MESC test and ESConv test, RESULTS.md (issue 14)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "repro"  # the stage: sft | ppo | eval | repro (this driver: python -m therapy_rl.repro)
+    c.seed = 42  # PRNG root of every stage
+    c.data_root = ""  # folder of the datasets (mesc/, esconv/, ...); "" = $THERAPY_RL_DATA
+
+    p = ml_collections.ConfigDict()  # stage 1: causal-LM pre-training of a small GPT-2 (therapy_rl/pretrain.py)
+    p.sources = PRETRAIN_SOURCES  # corpora (MESC train only; ESConv train + valid; therapy_rl/pretrain.py)
+    p.max_docs_per_source = 0  # 0 = all; else the first N documents of each source (smoke runs)
+    p.val_fraction = 0.02  # share of documents held out for the validation perplexity
+    p.max_val_blocks = 256  # validation blocks scored; 0 = all
+    p.bpe_vocab_size = 8000  # byte-level BPE trained on the corpus (markers included)
+    p.block_tokens = 128  # tokens per training sequence
+    p.n_layer = 4  # transformer blocks
+    p.n_head = 4  # attention heads
+    p.n_embd = 256  # hidden width
+    p.n_positions = 256  # position table: prompt (96) + reply (128) must fit
+    p.dropout_rate = 0.0  # dropout in pre-training (later stages use the model section's default)
+    p.batch_size = 32  # sequences per step
+    p.max_steps = 1200  # optimizer steps (sized for about 60 min on 2 CPU cores)
+    p.learning_rate = 1e-3  # peak AdamW learning rate (cosine decay)
+    p.warmup_fraction = 0.05  # of max_steps, linear warm-up
+    p.weight_decay = 0.01  # AdamW decoupled weight decay
+    p.log_every_steps = 20  # train metrics to metrics.jsonl
+    p.eval_every_steps = 200  # validation loss and a resumable checkpoint
+    c.pretrain = p
+
+    s = ml_collections.ConfigDict()  # stage 2: SFT on MESC train (configs/sft_mesc.py), with and without emotion
+    s.num_epochs = 10.0  # passes over MESC train
+    s.max_steps = 0  # 0 = num_epochs worth of steps
+    s.learning_rate = 2e-4  # peak AdamW learning rate
+    s.global_batch_size = 32  # sequences per step
+    s.eval_every_steps = 100  # validation loss (best/ = lowest) and checkpoint
+    s.early_stopping_patience_evals = 3  # stop after this many evals without a better validation loss
+    s.max_train_samples = 0  # 0 = all; else the first N (smoke runs)
+    s.max_eval_samples = 0  # 0 = all; else the first N of val and test (smoke runs; also PPO and eval)
+    c.sft = s
+
+    pp = ml_collections.ConfigDict()  # stage 3: PPO from the with-emotion SFT, one run per configuration
+    pp.configs = ("ppo_paper_as_described", "ppo_paper_as_run", "ppo_ours")  # config files under configs/
+    pp.num_epochs = 1.0  # passes over the training prompts
+    pp.max_iterations = 0  # 0 = num_epochs worth of iterations
+    pp.global_batch_size = 16  # prompts per iteration
+    pp.minibatch_size = 16  # rows per optimizer update
+    pp.max_new_tokens = 64  # longest rollout reply
+    pp.eval_every_iterations = 25  # validation reward (best/ = highest) and checkpoint
+    pp.num_eval_prompts = 64  # first N validation prompts scored
+    c.ppo = pp
+
+    e = ml_collections.ConfigDict()  # stage 4: decoding search on MESC val, then MESC test and ESConv test
+    e.search_limit = 100  # first N MESC validation prompts of the decoding search
+    e.search_metric = "rougeL"  # score the search maximises
+    e.top_p = (0.7, 0.9, 1.0)  # decoding grid: top_p ...
+    e.top_k = (0, 10)  # ... x top_k ...
+    e.temperature = (1.0, 1.2)  # ... x temperature
+    e.max_new_tokens = 64  # longest reply
+    e.eval_batch_size = 64  # prompts per generation batch
+    e.bertscore = False  # BERTScore-MiniLM (slow on CPU)
+    e.bootstrap_resamples = 1000  # for the 95% intervals and the paired bootstrap
+    e.esconv = True  # also evaluate on ESConv test (cross-domain)
+    e.max_esconv_samples = 0  # 0 = all ESConv test samples; else the first N
+    c.eval = e
     return c

@@ -103,8 +103,14 @@ def estimate(config, mesh: Sequence[int], rows_per_step: int, seq: int, optimize
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     shapes = jax.eval_shape(lambda k: families.init_params(config, k), jax.random.key(0))
     params, adapters = _shard_bytes(shapes, families.partition_rules(config), sizes)
-    if families.lora_config(config) is not None:  # adapters are stored in float32
+    lora = families.lora_config(config)
+    if lora is not None:  # adapters are stored in float32
         trainable = trainable_f32 = adapters
+        if lora.train_embeddings:
+            heads = {k: v for k, v in shapes.items() if k in ("embed_tokens", "lm_head")}
+            embeddings = _shard_bytes(heads, families.partition_rules(config), sizes)[0]
+            trainable += embeddings
+            trainable_f32 += embeddings * 4 / np.dtype(config.params_dtype).itemsize
     else:
         trainable = params
         trainable_f32 = params * 4 / np.dtype(config.params_dtype).itemsize

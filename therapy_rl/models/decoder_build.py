@@ -41,7 +41,8 @@ def lora_from(model_cfg) -> Optional[lora_lib.LoraConfig]:
         return None
     try:
         return lora_lib.LoraConfig(rank=int(section.rank), alpha=float(section.alpha),
-                                   dropout_rate=float(section.dropout_rate), target_regex=str(section.target_regex))
+                                   dropout_rate=float(section.dropout_rate), target_regex=str(section.target_regex),
+                                   train_embeddings=bool(section.get("train_embeddings", False)))
     except ValueError as err:
         raise errors.ConfigError(f"config.model.lora: {err}") from None
 

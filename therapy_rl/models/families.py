@@ -166,22 +166,22 @@ def add_adapters(config: mistral.MistralConfig, base_params, key, mesh=None) -> 
     from therapy_rl import parallel
 
     fresh_shapes = jax.eval_shape(lambda k: mistral.init_params(config, k), key)
-    flat_base = sharded_load_flat(base_params)
-    adapter_names = [n for n in sharded_load_flat(fresh_shapes) if n.rsplit("/", 1)[-1] in lora_lib.ADAPTER_LEAVES]
+    flat_base = _flat(base_params)
+    adapter_names = [n for n in _flat(fresh_shapes) if n.rsplit("/", 1)[-1] in lora_lib.ADAPTER_LEAVES]
 
     def adapters(k):
-        fresh = sharded_load_flat(mistral.init_params(config, k))
+        fresh = _flat(mistral.init_params(config, k))
         return {n: fresh[n] for n in adapter_names}
 
     out_shardings = None
     if mesh is not None:
-        shapes = {n: v for n, v in sharded_load_flat(fresh_shapes).items() if n in adapter_names}
-        out_shardings = sharded_load_flat(parallel.named_shardings(_nest(shapes), MISTRAL_PARTITION_RULES, mesh))
+        shapes = {n: v for n, v in _flat(fresh_shapes).items() if n in adapter_names}
+        out_shardings = _flat(parallel.named_shardings(_nest(shapes), MISTRAL_PARTITION_RULES, mesh))
     new = jax.jit(adapters, out_shardings=out_shardings)(key)
     return _nest({**flat_base, **new})
 
 
-def sharded_load_flat(tree) -> dict:
+def _flat(tree) -> dict:
     from therapy_rl.models import sharded_load
 
     return sharded_load.flatten_names(tree)
@@ -338,11 +338,15 @@ def without_adapters(config):
     return config.replace(lora=None) if lora_config(config) is not None else config
 
 
-def trainable_optimizer(config, optimizer, also_trainable: tuple = ()):
-    """`optimizer` restricted to the LoRA adapters (and the top-level keys `also_trainable`) when the config has
-    adapters: frozen weights get no optimizer state."""
-    if lora_config(config) is None:
+def trainable_optimizer(config, optimizer, also_trainable: tuple = (), embeddings: bool = True):
+    """`optimizer` restricted to the LoRA adapters (and the keys `also_trainable`, and with `embeddings` and
+    `lora.train_embeddings` the token embedding and LM head) when the config has adapters: frozen weights get no
+    optimizer state."""
+    lora = lora_config(config)
+    if lora is None:
         return optimizer
+    if embeddings and lora.train_embeddings:
+        also_trainable = tuple(also_trainable) + ("embed_tokens", "lm_head")
     return lora_lib.adapter_optimizer(optimizer, also_trainable)
 
 
@@ -354,9 +358,9 @@ def restart_adapters(config, params, key, mesh=None):
 
     def restart(p, k):
         base = lora_lib.merge(p, config.lora)
-        fresh = {n: v for n, v in sharded_load_flat(init_params(config, k)).items()
+        fresh = {n: v for n, v in _flat(init_params(config, k)).items()
                  if n.rsplit("/", 1)[-1] in lora_lib.ADAPTER_LEAVES}
-        return _nest({**sharded_load_flat(base), **fresh})
+        return _nest({**_flat(base), **fresh})
 
     out_shardings = None
     if mesh is not None:

@@ -31,6 +31,9 @@ class LoraConfig:
     alpha: float = 16.0
     dropout_rate: float = 0.0
     target_regex: str = DEFAULT_TARGETS  # searched in the layer path, e.g. "layers_3/self_attn/q_proj"
+    # SFT also trains the token embedding and LM head (PEFT's modules_to_save): the run's marker and emotion tokens
+    # are new rows a frozen base could not learn. PPO keeps them frozen (its reference is the base).
+    train_embeddings: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -99,11 +102,11 @@ def is_adapter_path(names: tuple[str, ...]) -> bool:
 
 
 def adapter_labels(params, also_trainable: tuple = ()) -> Any:
-    """"adapter" for lora_a / lora_b leaves (and leaves under a top-level key in `also_trainable`, e.g. PPO's value
-    head), "frozen" for every other leaf."""
+    """"adapter" for lora_a / lora_b leaves (and leaves under a key in `also_trainable`, e.g. PPO's value head),
+    "frozen" for every other leaf."""
     def label(path, _):
         names = _path_names(path)
-        return "adapter" if is_adapter_path(names) or (names and names[0] in also_trainable) else "frozen"
+        return "adapter" if is_adapter_path(names) or any(n in also_trainable for n in names) else "frozen"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

@@ -63,7 +63,7 @@ class PPOHyper:
     lam: float = _PPO_DEFAULTS.lam
     kl_estimator: str = _PPO_DEFAULTS.kl_estimator
     score_clip: float = _PPO_DEFAULTS.score_clip  # clip raw scores to [-c, c] before whitening; <= 0 = off
-    whiten_scores: bool = _PPO_DEFAULTS.whiten_scores  # whiten sequence scores over the batch (the paper)
+    whiten_scores: bool = _PPO_DEFAULTS.whiten_scores  # z-score sequence scores over the batch (the project's)
     whiten_advantages: bool = _PPO_DEFAULTS.whiten_advantages
     whiten_token_rewards: bool = _PPO_DEFAULTS.whiten_token_rewards
     # subtracted from the (processed) score of rows without EOS; 0 = off

@@ -320,7 +320,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     hyper = hyper_from_config(config.ppo, config.global_batch_size, tok.eos_id)
     optimizer_config = optim.optimizer_config_from(config, total_iterations * hyper.num_epochs * hyper.num_minibatches)
     optimizer = families.trainable_optimizer(model_config, optim.make_optimizer(optimizer_config),
-                                             also_trainable=(policy.VALUE_HEAD_KEY,))
+                                             also_trainable=(policy.VALUE_HEAD_KEY,), embeddings=False)
     spec = policy.PolicySpec(model_config, separate_critic=config.ppo.separate_critic, dropout=config.ppo.dropout,
                              value_dropout_rate=config.ppo.value_dropout_rate,
                              logprob_temperature=config.sampling.temperature)

@@ -3,7 +3,7 @@
     base  = 1.1·quality + 1.2·emotion + 1.1·relevance + 0.7·sentiment + 0.7·empathy + 1·penalty   (paper)
     total = clip(base, -10, 10) + safety            (safety_after_clip=True: saturation cannot hide it)
           | clip(base + safety, -10, 10)            (safety_after_clip=False)
-    total = whiten(total over rows with valid=1)   (whiten=True, as in the paper; padding rows give 0)
+    total = whiten(total over rows with valid=1)   (whiten=True; padding rows give 0; PPO uses ppo.whiten_* instead)
 
 Components are logged unweighted; `total_raw` is the total before whitening. A switched-off component is 0 and
 is not computed (e.g. with relevance, sentiment and empathy off the reply is never encoded).
@@ -35,7 +35,9 @@ from therapy_rl.rewards.encoder import BertConfig, SentenceEncoder, encode_ids
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    """Reward settings (hashable: a static jit argument). Defaults are the paper's, plus safety."""
+    """Reward settings (hashable: a static jit argument). Defaults: the paper's weights and tables with the
+    project's choices (quality formula, additive emotion conflict, raw relevance texts), plus safety; the paper's
+    code is quality.formula="paper_code", emotion_scores.conflict_absolute=True, relevance_text="paper_clean"."""
 
     quality_weight: float = 1.1
     emotion_weight: float = 1.2
@@ -59,12 +61,17 @@ class RewardConfig:
     whiten: bool = True
     whiten_eps: float = 1e-8
     relevance_mode: str = "steps"           # "steps" (paper) | "smooth" (piecewise-linear through the same points)
+    relevance_text: str = "raw"             # "raw" (project: texts as they are) | "paper_clean" (paper's code:
+                                            # lower-cased, punctuation removed, -8/-5 for empty; rewards/paper_code.py)
     probability_scale: float = 1.1          # empathy/sentiment: p·scale + offset
     probability_offset: float = -0.5
     quality: C.QualityConfig = C.QualityConfig()
     emotion_scores: C.EmotionScores = C.EmotionScores()
 
     def __post_init__(self):
+        if self.relevance_text not in ("raw", "paper_clean"):
+            raise ValueError(f"RewardConfig: field 'relevance_text' is {self.relevance_text!r}; "
+                             "expected 'raw' or 'paper_clean'")
         if self.relevance_mode not in ("steps", "smooth"):
             raise ValueError(f"RewardConfig: field 'relevance_mode' is {self.relevance_mode!r}; "
                              "expected 'steps' or 'smooth'")
@@ -158,7 +165,8 @@ class RewardParams:
 
 
 def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mask, reply_minilm_ids,
-              reply_minilm_mask, user_embedding, user_crisis, user_emotion, therapist_emotion, valid):
+              reply_minilm_mask, user_embedding, user_crisis, user_emotion, therapist_emotion, valid,
+              host_quality=None, relevance_ids=None, relevance_mask=None, relevance_fallback=None):
     """Pure reward. Shapes: response_* [B,N] (policy ids of the generated continuation, right-padded),
     reply_minilm_* [B,L] (the decoded reply text re-tokenized for MiniLM), user_embedding [B,384] (L2-normalised
     MiniLM embedding of the user text), user_crisis/user_emotion/therapist_emotion/valid [B] int.
@@ -169,7 +177,9 @@ def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mas
     valid_f = valid.astype(jnp.float32)
     comps = {}
 
-    if cfg.use_quality:
+    if cfg.use_quality and cfg.quality.formula == "paper_code":  # the paper's code on the reply text (host)
+        comps["quality"] = jnp.asarray(host_quality, jnp.float32)
+    elif cfg.use_quality:
         parts = C.quality_parts(params.tables, response_ids, response_mask, cfg.quality)
         comps["quality"] = parts.score
         comps["degenerate"] = parts.degenerate.astype(jnp.float32)
@@ -187,9 +197,14 @@ def reward_fn(spec: RewardSpec, params: RewardParams, response_ids, response_mas
     if cfg.needs_reply_embedding:
         _, reply_emb = encode_ids(spec.encoder_config, params.encoder_params, reply_minilm_ids, reply_minilm_mask)
     if cfg.use_relevance:
-        cosine = C.cosine_similarity(reply_emb, user_embedding.astype(jnp.float32))
+        rel_emb = reply_emb
+        if cfg.relevance_text == "paper_clean":  # the reply re-encoded from its cleaned text
+            _, rel_emb = encode_ids(spec.encoder_config, params.encoder_params, relevance_ids, relevance_mask)
+        cosine = C.cosine_similarity(rel_emb, user_embedding.astype(jnp.float32))
         comps["cosine"] = cosine.astype(jnp.float32)
         comps["relevance"] = C.relevance_score(cosine, cfg.relevance_mode)
+        if cfg.relevance_text == "paper_clean":
+            comps["relevance"] = jnp.where(jnp.isnan(relevance_fallback), comps["relevance"], relevance_fallback)
     else:
         comps["relevance"] = zeros
     scale = lambda p: C.scaled_probability(p, cfg.probability_scale, cfg.probability_offset)  # noqa: E731
@@ -312,6 +327,9 @@ class RewardModel:
             crisis = np.concatenate(flags).astype(np.int32)
         if self.spec.config.use_safety and self.params.guard is not None and len(user_texts):
             crisis = np.maximum(crisis, self._guard_crisis(user_texts))
+        if self.spec.config.use_relevance and self.spec.config.relevance_text == "paper_clean" and len(user_texts):
+            from therapy_rl.rewards import paper_code  # relevance compares cleaned texts; crisis flags read raw ones
+            emb = self.encoder.embed([paper_code.clean_for_relevance(t) for t in user_texts], batch_size=batch_size)
         return {"user_embedding": emb, "user_crisis": crisis}
 
     def _guard_crisis(self, user_texts: Sequence[str]) -> np.ndarray:
@@ -354,7 +372,22 @@ class RewardModel:
                              jnp.asarray(response_mask, jnp.int32), minilm_ids, minilm_mask,
                              jnp.asarray(f["user_embedding"], jnp.float32), jnp.asarray(user_crisis, jnp.int32),
                              jnp.asarray(f["user_emotion"], jnp.int32), jnp.asarray(f["therapist_emotion"], jnp.int32),
-                             jnp.asarray(valid, jnp.int32))
+                             jnp.asarray(valid, jnp.int32), **self.host_inputs(texts))
+
+    def host_inputs(self, texts: Sequence[str]) -> dict:
+        """The paper-code pieces computed on the reply text (rewards/paper_code.py), when the config asks."""
+        from therapy_rl.rewards import paper_code
+
+        cfg, out = self.spec.config, {}
+        texts = [t.strip() for t in texts]
+        if cfg.use_quality and cfg.quality.formula == "paper_code":
+            out["host_quality"] = jnp.asarray(paper_code.quality_batch(texts))
+        if cfg.use_relevance and cfg.relevance_text == "paper_clean":
+            ids, mask = self.encoder.tokenize([paper_code.clean_for_relevance(t) for t in texts],
+                                              self.reply_max_length)
+            out.update(relevance_ids=ids, relevance_mask=mask,
+                       relevance_fallback=jnp.asarray(paper_code.relevance_fallback_batch(texts)))
+        return out
 
 
 def _unused_backends() -> RewardBackends:

@@ -23,7 +23,12 @@ Definitions used on POLICY token ids (documented here once; tests check them aga
   the n-gram starting at word i is *repeated* if the same n-gram starts at some word j with 1 <= i-j <= window.
   penalty_n = weight_n * (#repeated n-grams / max(#n-grams, 1)); the two penalties together are at most 10.
 * **Over-used words.** Each distinct word of more than 3 letters that occurs more than 4 times costs
-  `overuse_weight` (default 2; the paper gives no amount).
+  `overuse_weight` (default 2; the project's flat amount: the paper's code charges min((count-1)^1.7 * 1.5, 8) per
+  word, and sums (count-1)^1.5 * weight over sliding windows for repeated n-grams: `quality.formula="paper_code"`,
+  rewards/paper_code.py).
+* **Formula.** `formula="tokens"` (default) is everything in this list, on policy ids on device;
+  `formula="paper_code"` replaces the whole component by the paper's code on the decoded reply text
+  (rewards/paper_code.quality, computed on the host and passed in).
 * **Degenerate** (score -10): no non-space character; no letter; every non-space byte the same (ASCII-case
   folded: "aaaa", "I", "!!!!"); or (switch) more than half of the non-space characters are non-ASCII.
 * **Length rule.** "range" (default): below `min_chars` costs `length_weight * (min_chars - n) / min_chars`, above
@@ -39,7 +44,8 @@ Emotion alignment (the tag is the first non-blank token after the first `<therap
     unreachable with MESC's groups, where neutral is alone in its group); joy vs a negative label either way: -5;
     any other mismatch (neutral vs non-neutral): -1.
   So a valid tag scores 7 (exact, non-neutral), 2 (exact neutral), 4 (another negative label), -4 (joy vs a
-  negative label), 0 (neutral vs non-neutral); a missing tag -7, an invalid one -6.
+  negative label; the project's additive reading), 0 (neutral vs non-neutral); a missing tag -7, an invalid one -6.
+  With `conflict_absolute=True` (the paper's code: it returns -5 without the +1) the conflict scores -5.
   An unknown target (index < 0) scores 0. `penalty` = -1.5 when the user emotion is negative and g is joy.
 """
 from __future__ import annotations
@@ -84,6 +90,7 @@ class QualityConfig:
     degenerate_score: float = -10.0
     nonascii_is_degenerate: bool = True   # more than half of the non-space characters non-ASCII
     length_rule: str = "range"            # "range" | "paper" | "none"
+    formula: str = "tokens"               # "tokens" (the rules above, on device) | "paper_code" (host text rules)
     min_chars: int = 12
     max_chars: int = 200
     length_weight: float = 3.0            # the largest length penalty of the "range" rule
@@ -93,6 +100,8 @@ class QualityConfig:
     clip_max: float = 8.0
 
     def __post_init__(self):
+        if self.formula not in ("tokens", "paper_code"):
+            raise ValueError(f"QualityConfig: field 'formula' is {self.formula!r}; expected 'tokens' or 'paper_code'")
         if self.length_rule not in ("range", "paper", "none"):
             raise ValueError(f"QualityConfig: field 'length_rule' is {self.length_rule!r}; "
                              "expected 'range', 'paper' or 'none'")
@@ -105,7 +114,8 @@ class QualityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EmotionScores:
-    """The emotion-alignment table's entries (paper defaults)."""
+    """The emotion-alignment table's entries: the paper's values; `conflict_absolute=False` (default) is the
+    project's additive reading of the conflict (-4), True the paper's code (-5)."""
 
     missing: float = -7.0
     invalid: float = -6.0
@@ -115,6 +125,7 @@ class EmotionScores:
     same_group_non_neutral: float = 3.0
     same_group_neutral: float = 1.0
     conflict: float = -5.0
+    conflict_absolute: bool = False    # True = the conflict scores `conflict` alone (the paper's code: -5, not -4)
     other_mismatch: float = -1.0
     joy_after_negative: float = -1.5   # the separately logged `penalty` component
 
@@ -567,7 +578,8 @@ def emotion_score_matrix(s: EmotionScores) -> np.ndarray:
                 match = s.conflict
             else:
                 match = s.other_mismatch
-            table[2 + g, t] = s.valid + match
+            absolute = s.conflict_absolute and {group[g], group[t]} == {0, 1}
+            table[2 + g, t] = match if absolute else s.valid + match
     return table
 
 
