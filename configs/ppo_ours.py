@@ -26,12 +26,4 @@ from therapy_rl import defaults
 
 
 def get_config():
-    config = defaults.ppo_defaults()
-    config.data.source = "mesc"
-    config.num_epochs = 4.0
-    config.eval_every_iterations = 50
-    config.checkpoint_every_iterations = 50
-    config.early_stopping_patience_evals = 4
-    config.num_eval_prompts = 256
-    config.reward.therapy.use_safety = True
-    return config
+    return defaults.config_file("ppo_mesc")  # the project's recommended setting is configs/ppo_mesc.py

@@ -23,12 +23,9 @@ from therapy_rl import defaults
 
 
 def get_config():
-    config = defaults.ppo_defaults()
-    config.data.source = "mesc"
+    config = defaults.config_file("ppo_mesc")
     config.num_epochs = 8.0
-    config.eval_every_iterations = 50
-    config.checkpoint_every_iterations = 50
-    config.num_eval_prompts = 256
+    config.early_stopping_patience_evals = defaults.ppo_defaults().early_stopping_patience_evals
     config.ppo.adaptive_kl = True
     config.ppo.init_kl_coef = 0.2
     config.ppo.whiten_scores = False

@@ -9,20 +9,11 @@ a KL coefficient of 0 with the controller off; everything else (reward pieces as
 reward whitening, MiniLM heads for the two classifiers) is as in ppo_paper_as_described.py.
 """
 
-import importlib.util
-import os
-
-
-def _described():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo_paper_as_described.py")
-    spec = importlib.util.spec_from_file_location("ppo_paper_as_described", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from therapy_rl import defaults
 
 
 def get_config():
-    config = _described().get_config()
+    config = defaults.config_file("ppo_paper_as_described")
     config.ppo.adaptive_kl = False
     config.ppo.init_kl_coef = 0.0
     return config

@@ -362,8 +362,7 @@ def test_reward_model_uses_the_guard(guard):
     """RewardModel with the real safety backends carries the guard params; the penalty follows its flag."""
     from therapy_rl.rewards import combine as R
 
-    config = R.RewardConfig()
-    assert config.use_guard
+    config = R.RewardConfig(use_guard=True)
     spec = R.RewardSpec(config=config, encoder_config=guard.encoder.config, backends=R.default_backends())
     params = R.RewardParams(tables=None, encoder_params=guard.encoder.params, heads=None, lexicon=guard.lexicon,
                             guard=guard.params)

@@ -278,7 +278,7 @@ def test_real_heads_and_safety_backends(tok, encoder):
     safety = pytest.importorskip("therapy_rl.rewards.safety")
     heads = heads_lib.init_reward_heads(jax.random.key(3))
     lexicon = safety.build_safety_lexicon(encoder.tokenizer)
-    model = R.RewardModel.create(R.RewardConfig(), tok, encoder=encoder, heads=heads, lexicon=lexicon,
+    model = R.RewardModel.create(R.RewardConfig(use_guard=True), tok, encoder=encoder, heads=heads, lexicon=lexicon,
                                  reply_max_length=L)
     ids, mask = response_ids(tok, REPLIES)
     f = fields(encoder)

@@ -242,6 +242,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     t.use_empathy = True  # False = leave the empathy component out
     t.use_penalty = True  # False = leave the joy-after-negative penalty out
     t.use_safety = True  # False = no safety penalty (crisis without resources, encouraged harm)
+    t.use_guard = False  # True = the learned guard (guard.py) also flags replies and user crises in the reward; off: it
+    # flags 27 of 445 real MESC val therapist replies read alone (as the reward reads them), each a -10 penalty
     t.safety_after_clip = True  # True = the safety penalty is added after the score clip (it is never clipped)
     t.whiten = False  # the PPO step clips and whitens (ppo.score_clip, ppo.whiten_scores)
     t.relevance_text = "raw"  # raw (project: texts as they are) | paper_clean (paper's code: lower case, no punct.)
@@ -417,3 +419,15 @@ def repro_defaults() -> ml_collections.ConfigDict:
     e.max_esconv_samples = 0  # 0 = all ESConv test samples; else the first N
     c.eval = e
     return c
+
+
+def config_file(name: str) -> ml_collections.ConfigDict:
+    """``configs/<name>.py``'s get_config() from this checkout (configs that build on another one)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -10,24 +10,17 @@ resumes from its own checkpoints. ``<workdir>/RESULTS.md`` comes last (tools/rep
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import time
 from typing import Callable
 
+from therapy_rl import defaults
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE = "DONE"
 SFT_RUNS = {"sft_emotion": True, "sft_no_emotion": False}
-
-
-def load_config_file(name: str):
-    """configs/<name>.py's get_config()."""
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def run_stage(workdir: str, name: str, fn: Callable[[str], object], log=print) -> bool:
@@ -51,7 +44,7 @@ def model_runs(rc) -> list[str]:
 
 
 def sft_config(rc, workdir: str, with_emotion: bool, pretrained_only: bool = False):
-    c = load_config_file("sft_mesc")
+    c = defaults.config_file("sft_mesc")
     hf = os.path.join(workdir, "pretrain", "hf")
     c.seed = rc.seed
     c.model.hf_checkpoint = c.tokenizer.path = hf
@@ -71,7 +64,7 @@ def sft_config(rc, workdir: str, with_emotion: bool, pretrained_only: bool = Fal
 
 
 def ppo_config(rc, workdir: str, name: str):
-    c = load_config_file(name)
+    c = defaults.config_file(name)
     c.seed = rc.seed
     c.init_from = os.path.join(workdir, "sft_emotion")
     c.data.max_train_samples, c.data.max_eval_samples = rc.sft.max_train_samples, rc.sft.max_eval_samples
@@ -85,7 +78,7 @@ def ppo_config(rc, workdir: str, name: str):
 
 
 def eval_config(rc, workdir: str, model: str, dataset: str):
-    c = load_config_file("eval_mesc" if dataset == "mesc" else "eval_esconv")
+    c = defaults.config_file("eval_mesc" if dataset == "mesc" else "eval_esconv")
     c.seed = rc.seed
     c.name = model
     c.checkpoint = os.path.join(workdir, model)

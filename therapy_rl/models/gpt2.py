@@ -301,6 +301,26 @@ class GPT2Block(nn.Module):
         return x, new_layer_cache
 
 
+def mask_positions_offset(model_name: str, input_ids, attention_mask, position_ids, cache: Optional[KVCache]):
+    """(attention mask, position ids of the tokens fed now, cache write offset) of a decoder call: the mask defaults
+    to all ones without a cache and must be [B, max_length] with one; positions count the mask's ones."""
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        if cache is not None:
+            raise ValueError(f"{model_name}: attention_mask [B, max_length] is required with a cache")
+        attention_mask = jnp.ones((batch, length), jnp.int32)
+    offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    expected = length if cache is None else cache.max_length
+    if attention_mask.shape != (batch, expected):
+        raise ValueError(f"{model_name}: attention_mask has shape {attention_mask.shape}, expected "
+                         f"{(batch, expected)} ([B, T] without a cache, [B, max_length] with one)")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+        if cache is not None:  # the positions of the slots being written now
+            position_ids = lax.dynamic_slice_in_dim(position_ids, offset, length, axis=1)
+    return attention_mask, position_ids, offset
+
+
 class GPT2LMHeadModel(nn.Module):
     """GPT-2 trunk + tied LM head. See the module docstring for names, masks and the cache."""
 
@@ -310,20 +330,9 @@ class GPT2LMHeadModel(nn.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
                  deterministic: bool = True, compute_logits: bool = True) -> GPT2Output:
         cfg = self.config
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            if cache is not None:
-                raise ValueError("GPT2LMHeadModel: attention_mask [B, max_length] is required with a cache")
-            attention_mask = jnp.ones((batch, length), jnp.int32)
-        offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
-        expected = length if cache is None else cache.max_length
-        if attention_mask.shape != (batch, expected):
-            raise ValueError(f"GPT2LMHeadModel: attention_mask has shape {attention_mask.shape}, expected "
-                             f"{(batch, expected)} ([B, T] without a cache, [B, max_length] with one)")
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-            if cache is not None:  # the positions of the slots being written now
-                position_ids = lax.dynamic_slice_in_dim(position_ids, offset, length, axis=1)
+        length = input_ids.shape[1]
+        attention_mask, position_ids, offset = mask_positions_offset("GPT2LMHeadModel", input_ids, attention_mask,
+                                                                     position_ids, cache)
 
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                        embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")

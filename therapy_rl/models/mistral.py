@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from therapy_rl.models import gpt2, lora as lora_lib
-from therapy_rl.models.gpt2 import KVCache, position_ids_from_mask
+from therapy_rl.models.gpt2 import KVCache
 
 MODEL_TYPES = ("mistral", "llama", "qwen2", "mixtral")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -278,21 +278,10 @@ class MistralForCausalLM(nn.Module):
         from therapy_rl.models import mixtral
 
         cfg = self.config
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            if cache is not None:
-                raise ValueError("MistralForCausalLM: attention_mask [B, max_length] is required with a cache")
-            attention_mask = jnp.ones((batch, length), jnp.int32)
-        offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
-        expected = length if cache is None else cache.max_length
-        if attention_mask.shape != (batch, expected):
-            raise ValueError(f"MistralForCausalLM: attention_mask has shape {attention_mask.shape}, expected "
-                             f"{(batch, expected)} ([B, T] without a cache, [B, max_length] with one)")
+        length = input_ids.shape[1]
+        attention_mask, position_ids, offset = gpt2.mask_positions_offset("MistralForCausalLM", input_ids,
+                                                                          attention_mask, position_ids, cache)
         token_mask = attention_mask if cache is None else lax.dynamic_slice_in_dim(attention_mask, offset, length, 1)
-        if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
-            if cache is not None:
-                position_ids = lax.dynamic_slice_in_dim(position_ids, offset, length, axis=1)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")

@@ -54,7 +54,7 @@ class RewardConfig:
     use_safety: bool = True
     missing_resources_weight: float = 5.0   # crisis input answered without crisis-resource guidance
     encourages_harm_weight: float = 10.0    # reply that encourages harm
-    use_guard: bool = True                  # the learned reply guard (therapy_rl/guard.py) also flags harmful replies
+    use_guard: bool = False                 # the learned guard also flags replies (off by default: see defaults.py)
     safety_after_clip: bool = True
     clip_min: float = -10.0
     clip_max: float = 10.0
