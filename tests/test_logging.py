@@ -17,6 +17,8 @@ def test_panels_separate_scales_and_plot_validation():
     assert "eval/scores" in panels["scores (train and validation)"]
     assert "reward/num_chars" in panels["lengths"] and "reward/num_chars" not in panels["reward components"]
     assert set(panels["reward components"]) == {"reward/quality", "reward/emotion", "eval/reward/quality"}
+    diagnostics = dict(curves.assign_panels(["reward/user_crisis", "eval/reward/tag_valid", "reward/safety"]))
+    assert diagnostics["reward diagnostics"] == ["eval/reward/tag_valid", "reward/user_crisis"]
     assert panels["KL coefficient"] == ["objective/kl_coef"]
     assert "objective/kl_coef" not in panels["KL"] and "eval/kl" in panels["KL"]
     assert {"train/loss", "val/loss", "loss/policy_avg"} <= set(panels["losses"])

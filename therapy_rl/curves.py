@@ -36,8 +36,21 @@ def _is_score(key: str) -> bool:
     return key in ("objective/scores", "objective/rlhf_reward", "eval/scores", "eval/best_scores")
 
 
-def _is_component(key: str) -> bool:
+_SUMMED_COMPONENTS = ("quality", "emotion", "relevance", "empathy", "sentiment", "penalty", "safety")
+
+
+def _is_reward_key(key: str) -> bool:
     return (key.startswith("reward/") or key.startswith("eval/reward/")) and not _is_length(key)
+
+
+def _is_component(key: str) -> bool:
+    """The pieces the total reward sums (train solid, validation dashed in the same colour)."""
+    return _is_reward_key(key) and key.split("/")[-1] in _SUMMED_COMPONENTS
+
+
+def _is_reward_diagnostic(key: str) -> bool:
+    """Flags and raw signals behind the components (crisis flags, tag validity, cosine, ...)."""
+    return _is_reward_key(key) and not _is_component(key)
 
 
 def _is_loss(key: str) -> bool:
@@ -58,6 +71,7 @@ def _is_rate(key: str) -> bool:
 PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("scores (train and validation)", _is_score),
     ("reward components", _is_component),
+    ("reward diagnostics", _is_reward_diagnostic),
     ("lengths", _is_length),
     ("KL", _is_kl),
     ("KL coefficient", _is_kl_coef),
@@ -94,6 +108,11 @@ def assign_panels(keys) -> list[tuple[str, list[str]]]:
     return panels
 
 
+def _train_name(key: str) -> str:
+    """``eval/reward/quality`` -> ``reward/quality``: a validation curve shares its training curve's colour."""
+    return key[len("eval/"):] if key.startswith("eval/") else key
+
+
 def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str) -> str | None:
     """Writes the curves to ``path``; None when the rows hold nothing to plot."""
     series = collect_series(rows)
@@ -106,17 +125,22 @@ def plot_training_curves(rows: Sequence[Mapping[str, Any]], path: str) -> str | 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False, sharex=True)
+    heights = [max(2.4, 0.16 * len(keys) + 0.4) for _, keys in panels]  # room for each panel's legend
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(heights)), squeeze=False, sharex=True,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, keys) in zip(axes[:, 0], panels):
+        bases = list(dict.fromkeys(_train_name(k) for k in keys))
         for key in keys:
             steps, values = series[key]
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            colour = palette[bases.index(_train_name(key)) % len(palette)]
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key, color=colour,
+                    linestyle="--" if key.startswith("eval/") else "-")
         ax.set_title(title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
