@@ -149,20 +149,28 @@ def written_messages(seed: int, variants: int) -> list[Message]:
     return out
 
 
+def _pattern_messages(groups: dict, key: str, label: int, role: str, source: str, macros: dict,
+                      rng: np.random.Generator, seed: int, variants: int) -> list[Message]:
+    """Expansions of each pattern of each group (a category for positives, which it labels; a topic for negatives)."""
+    out: list[Message] = []
+    for group, patterns in groups.items():
+        for i, p in enumerate(patterns):
+            split = _split_of(f"{key}/{group}/{i}", seed)
+            cats = (group,) if label else ()
+            out += [Message(t, label, role, f"{source}:{group}", split, cats)
+                    for t in sample_pattern(p, macros, rng, variants)]
+    return out
+
+
 def _written_messages(seed: int, variants: int) -> list[Message]:
     rng = np.random.default_rng(seed)
     out: list[Message] = []
     with open(USER_EXAMPLES, encoding="utf-8") as f:
         spec = json.load(f)
     macros = spec["macros"]
-    for cat, patterns in spec["user_crisis"].items():
-        for i, p in enumerate(patterns):
-            split = _split_of(f"user_crisis/{cat}/{i}", seed)
-            out += [Message(t, 1, "user", f"written_crisis:{cat}", split, (cat,)) for t in sample_pattern(p, macros, rng, variants)]
-    for topic, patterns in spec["user_negative"].items():
-        for i, p in enumerate(patterns):
-            split = _split_of(f"user_negative/{topic}/{i}", seed)
-            out += [Message(t, 0, "user", f"written_negative:{topic}", split) for t in sample_pattern(p, macros, rng, variants)]
+    out += _pattern_messages(spec["user_crisis"], "user_crisis", 1, "user", "written_crisis", macros, rng, seed, variants)
+    out += _pattern_messages(spec["user_negative"], "user_negative", 0, "user", "written_negative", macros, rng, seed,
+                             variants)
     for i, item in enumerate(spec["user_multi_turn"]):
         split = _split_of(f"user_multi/{i}", seed)
         for _ in range(max(2, variants // 2)):
@@ -183,14 +191,10 @@ def _written_messages(seed: int, variants: int) -> list[Message]:
     for cat, text in spec["reply_harmful_issue_11"]["examples"]:
         for variant in (text, text.rstrip(".")):
             out.append(Message(variant, 1, "reply", f"written_issue11:{cat}", _split_of(f"issue/{text}", seed), (cat,)))
-    for cat, patterns in spec["reply_harmful"].items():
-        for i, p in enumerate(patterns):
-            split = _split_of(f"reply_harmful/{cat}/{i}", seed)
-            out += [Message(t, 1, "reply", f"written_harmful:{cat}", split, (cat,)) for t in sample_pattern(p, macros, rng, variants)]
-    for topic, patterns in spec["reply_supportive"].items():
-        for i, p in enumerate(patterns):
-            split = _split_of(f"reply_supportive/{topic}/{i}", seed)
-            out += [Message(t, 0, "reply", f"written_supportive:{topic}", split) for t in sample_pattern(p, macros, rng, variants)]
+    out += _pattern_messages(spec["reply_harmful"], "reply_harmful", 1, "reply", "written_harmful", macros, rng, seed,
+                             variants)
+    out += _pattern_messages(spec["reply_supportive"], "reply_supportive", 0, "reply", "written_supportive", macros, rng,
+                             seed, variants)
     for i, item in enumerate(spec["reply_pairs"]):
         split = _split_of(f"reply_pairs/{i}", seed)
         for _ in range(max(2, variants // 2)):
