@@ -107,20 +107,16 @@ class SampleReplies:
                           f"[model ({reply.emotion or 'no tag'})] {reply.text}")
         return blocks
 
+    def print_replies(self, params, title: str | None = None) -> list[Reply]:
+        """Generates the replies (on every process) and prints them under ``title`` from process 0 only."""
+        replies = self.generate(params)
+        if jax.process_index() == 0:
+            if title:
+                print(title)
+            for block in self.lines(replies):
+                print("\n" + block)
+        return replies
+
     def markdown(self, replies: list[Reply]) -> str:
         """The blocks as TensorBoard text (markdown: two spaces end a line)."""
         return "\n\n---\n\n".join(block.replace("\n", "  \n") for block in self.lines(replies))
-
-
-def print_sample_replies(model_config, params, tok, split_arrays, config, count: int,
-                         title: str | None = None) -> list[Reply]:
-    """Generates replies for the first ``count`` validation prompts (every process must call this: on several
-    processes it gathers), and prints them, under ``title``, from process 0 only."""
-    sample_replies = SampleReplies(model_config, tok, split_arrays, config, count)
-    replies = sample_replies.generate(params)
-    if jax.process_index() == 0:
-        if title:
-            print(title)
-        for block in sample_replies.lines(replies):
-            print("\n" + block)
-    return replies

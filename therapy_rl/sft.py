@@ -233,10 +233,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         return evaluate_loss(eval_step, state.params, eval_iter)
 
     step = int(state.step)
+    logged_config = config.to_dict()
     writer = MetricsWriter(workdir, total_steps, initial_step=step, description="sft",
                            enable_progress_bar=config.progress_bar, wandb_settings=config.get("wandb"),
-                           config=config.to_dict())
-    writer.write_config(config.to_dict(), ("val/loss",))
+                           config=logged_config)
+    writer.write_config(logged_config, ("val/loss",))
     sample_replies = None
     if config.num_sample_replies and validating:  # written to TensorBoard at each eval
         from therapy_rl import replies
@@ -287,13 +288,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
               f"checkpoints in {workdir}")
     else:
         print(f"[sft] step {step}: no validation split, so no best/; checkpoints in {workdir}")
-    if config.num_sample_replies and validating:
-        from therapy_rl import replies
-
+    if sample_replies is not None:
         best_params = best_ckpt.restore({"params": state.params})[0]["params"]
-        replies.print_sample_replies(model_config, best_params, tok, val, config, config.num_sample_replies,
-                                     title=f"[sft] replies of the best checkpoint (step {best_ckpt.latest_step()}) "
-                                           "for validation prompts:")
+        sample_replies.print_replies(best_params, title=f"[sft] replies of the best checkpoint (step "
+                                                f"{best_ckpt.latest_step()}) for validation prompts:")
     if config.export_hf and jax.process_index() == 0:
         from therapy_rl import export
 

@@ -375,10 +375,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     iteration = int(state.step)
     if not resuming and jax.process_index() == 0:  # a run killed before its first checkpoint starts over cleanly
         metrics_writer.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), -1)
+    logged_config = run_config.to_dict()  # data options resolved against the SFT run
     writer = metrics_writer.MetricsWriter(workdir, total_iterations, initial_step=iteration, description="ppo",
                                           enable_progress_bar=config.progress_bar,
-                                          wandb_settings=config.get("wandb"), config=run_config.to_dict())
-    writer.write_config(run_config.to_dict(), ("eval/scores",))
+                                          wandb_settings=config.get("wandb"), config=logged_config)
+    writer.write_config(logged_config, ("eval/scores",))
     sample_replies = None
     if config.num_sample_replies and val.samples:  # written to TensorBoard at each eval
         sample_replies = replies.SampleReplies(model_config, tok, val, config, config.num_sample_replies)
@@ -425,7 +426,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if eval_metrics:
         print(f"[ppo] iteration {iteration}: eval/scores {eval_metrics['eval/scores']:.4f} "
               f"(best {tracker.best:.4f}), eval/kl {eval_metrics['eval/kl']:.3f}; run in {workdir}")
-    if config.num_sample_replies:
-        replies.print_sample_replies(model_config, state.params[policy.TRUNK_KEY], tok, val, config,
-                                     config.num_sample_replies)
+    if sample_replies is not None:
+        sample_replies.print_replies(state.params[policy.TRUNK_KEY])
     return eval_metrics
