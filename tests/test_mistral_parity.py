@@ -141,6 +141,50 @@ def test_kv_cache_decode_equals_full_forward(hf_case):
     assert int(cache.index) == total
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_rolling_cache_keeps_the_window_only(chunk):
+    """A window shorter than the sequence gives a cache of `window` slots; feeding the sequence in chunks (wrapping
+    the buffer mid-chunk, and a chunk longer than the window) gives the full forward's logits."""
+    window, prompt_len, total = 5, 4, 19
+    cfg = mistral.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                sliding_window=window, initializer_range=0.2)
+    params = mistral.init_params(cfg, jax.random.key(1))
+    ids, mask = _left_padded(np.random.default_rng(4), length=total)
+    full = np.asarray(_forward(params, ids, mask, cfg).logits)
+    model = families.module(cfg)
+    cache = families.init_cache(cfg, ids.shape[0], total)
+    assert cache.keys[0].shape == (3, 2, window, 8)
+    got, start = [], 0
+    for stop in [prompt_len, *range(prompt_len + chunk, total, chunk), total]:
+        if stop <= start:
+            continue
+        out = model.apply({"params": params}, ids[:, start:stop], jnp.asarray(mask), cache=cache)
+        cache, start = out.cache, stop
+        got.append(np.asarray(out.logits))
+    got = np.concatenate(got, axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], full[real], atol=1e-5)
+    assert int(cache.index) == total
+
+
+def test_rolling_cache_sampler_matches_teacher_forcing():
+    """Greedy decoding through the rolling cache picks, at every step, the argmax of a full forward pass."""
+    from therapy_rl import sampling
+
+    cfg = mistral.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                sliding_window=4, initializer_range=0.5)
+    params = mistral.init_params(cfg, jax.random.key(2))
+    ids, mask = _left_padded(np.random.default_rng(5), length=10)
+    settings = sampling.SamplingConfig(max_new_tokens=12, greedy=True, eos_id=-1, pad_id=0)
+    out = sampling.generate(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), settings)
+    seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    seq_mask = np.concatenate([mask, np.ones_like(np.asarray(out.tokens))], axis=1)
+    logits = np.asarray(_forward(params, seq, seq_mask, cfg).logits)
+    np.testing.assert_array_equal(logits[:, 9:-1].argmax(-1), np.asarray(out.tokens))
+
+
 def test_export_round_trip_loads_in_transformers(hf_case, tmp_path):
     kind, model, _, config, params = hf_case
     out = str(tmp_path / "export")

@@ -391,8 +391,8 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
              knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
-    A cache of P + N slots is prefilled with the prompt, then one token per while-loop step. Positions
-    continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
+    A cache of P + N slots (a rolling one of `sliding_window` slots when shorter) is prefilled with the prompt,
+    then one token per while-loop step. Positions continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
     rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
     running. Rows whose prompt is all padding but are active decode from position 0. `sampling` is a
     SamplingConfig, or a SamplingPlan with (traced) `knobs`.

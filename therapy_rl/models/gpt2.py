@@ -301,16 +301,18 @@ class GPT2Block(nn.Module):
         return x, new_layer_cache
 
 
-def mask_positions_offset(model_name: str, input_ids, attention_mask, position_ids, cache: Optional[KVCache]):
+def mask_positions_offset(model_name: str, input_ids, attention_mask, position_ids, cache: Optional[KVCache],
+                          max_length: Optional[int] = None):
     """(attention mask, position ids of the tokens fed now, cache write offset) of a decoder call: the mask defaults
-    to all ones without a cache and must be [B, max_length] with one; positions count the mask's ones."""
+    to all ones without a cache and must be [B, max_length] with one (`max_length` = the cache's unless given, as
+    for a rolling cache shorter than the sequence); positions count the mask's ones."""
     batch, length = input_ids.shape
     if attention_mask is None:
         if cache is not None:
             raise ValueError(f"{model_name}: attention_mask [B, max_length] is required with a cache")
         attention_mask = jnp.ones((batch, length), jnp.int32)
     offset = jnp.zeros((), jnp.int32) if cache is None else cache.index
-    expected = length if cache is None else cache.max_length
+    expected = length if cache is None else (max_length or cache.max_length)
     if attention_mask.shape != (batch, expected):
         raise ValueError(f"{model_name}: attention_mask has shape {attention_mask.shape}, expected "
                          f"{(batch, expected)} ([B, T] without a cache, [B, max_length] with one)")

@@ -19,9 +19,10 @@ Parameter tree (names mirror the HF checkpoint; `partition_rules` shards by them
 
 Masks, positions and the KV cache follow `gpt2.py`: attention is causal and masked on keys by `attention_mask`,
 positions come from the mask (left padding), and the explicit `gpt2.KVCache` ([B, K, S, Dh] per layer, K = kv heads)
-is written at `cache.index`. The sliding window is a mask on cache slots (key slot > query slot - window), which on
-a left-padded row equals the window on positions; the cache keeps every slot (no rolling buffer), so its memory
-is that of a full cache of prompt + new tokens.
+is written at `cache.index`. The sliding window is a mask on slots (key slot > query slot - window), which on a
+left-padded row equals the window on positions. With a window shorter than prompt + new tokens, `init_cache` makes
+a rolling cache of `sliding_window` slots: slot s lives in buffer entry s % window, each query attends to the buffer
+plus the keys fed with it, so memory and per-step attention stay at the window however many tokens are generated.
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def init_cache(config: MistralConfig, batch_size: int, max_length: int, dtype=No
         raise ValueError(f"init_cache: max_length={max_length} exceeds max_position_embeddings="
                          f"{config.max_position_embeddings}")
     dtype = config.compute_dtype if dtype is None else dtype
-    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim_)
+    slots = min(max_length, config.sliding_window) if config.sliding_window else max_length  # rolling when shorter
+    shape = (batch_size, config.num_key_value_heads, slots, config.head_dim_)
     return KVCache(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    index=jnp.zeros((), jnp.int32))
@@ -164,6 +166,31 @@ def attention_bias(attention_mask, query_length: int, query_offset, sliding_wind
     query_slots = query_offset + jnp.arange(query_length, dtype=jnp.int32)
     inside = key_slots[None, :] > query_slots[:, None] - sliding_window  # [T, S]
     return jnp.where(inside[None, None], bias, jnp.finfo(jnp.float32).min)
+
+
+def rolling_attention_bias(attention_mask, query_length: int, query_offset, window: int) -> jax.Array:
+    """Additive bias [B, 1, T, window + T] of queries at slots offset..offset+T-1 over a rolling cache's `window`
+    buffer entries (entry j holds the latest slot < offset that is j mod window) followed by the T keys fed now."""
+    entries = jnp.arange(window, dtype=jnp.int32)
+    buffer_slots = query_offset - 1 - jnp.mod(query_offset - 1 - entries, window)  # < 0: never written
+    query_slots = query_offset + jnp.arange(query_length, dtype=jnp.int32)
+    key_slots = jnp.concatenate([buffer_slots, query_slots])  # [window + T]
+    real = (jnp.take(attention_mask, jnp.maximum(key_slots, 0), axis=1) > 0) & (key_slots >= 0)[None]  # [B, S']
+    visible = ((key_slots[None, :] <= query_slots[:, None])
+               & (key_slots[None, :] > query_slots[:, None] - window))  # [T, S']
+    return jnp.where(real[:, None, None, :] & visible[None, None], 0.0,
+                     jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def write_rolling(buffer, new, offset):
+    """buffer [B, K, W, Dh] with new [B, K, T, Dh] (slots offset..offset+T-1) written at slot % W; only the last W
+    of them when T > W."""
+    window, length = buffer.shape[2], new.shape[2]
+    if length == 1:
+        return lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, jnp.mod(offset, window), 0))
+    kept = min(length, window)
+    entries = jnp.mod(offset + length - kept + jnp.arange(kept, dtype=jnp.int32), window)
+    return buffer.at[:, :, entries].set(new[:, :, length - kept:].astype(buffer.dtype), unique_indices=True)
 
 
 def rope_tables(position_ids, head_dim: int, theta: float):
@@ -208,7 +235,7 @@ class Attention(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin, layer_cache, cache_index, deterministic: bool):
+    def __call__(self, x, bias, cos, sin, layer_cache, cache_index, deterministic: bool, rolling: bool = False):
         cfg = self.config
         batch, length, _ = x.shape
         heads, kv_heads, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_
@@ -220,7 +247,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         new_layer_cache = None
-        if layer_cache is not None:
+        if layer_cache is not None and rolling:  # attend to the buffer, then the keys fed now; then write them
+            cache_k, cache_v = layer_cache
+            new_layer_cache = (write_rolling(cache_k, k, cache_index), write_rolling(cache_v, v, cache_index))
+            k = jnp.concatenate([cache_k.astype(cfg.compute_dtype), k], axis=2)
+            v = jnp.concatenate([cache_v.astype(cfg.compute_dtype), v], axis=2)
+        elif layer_cache is not None:
             cache_k, cache_v = layer_cache
             k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))  # [B, K, S, Dh]
             v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
@@ -251,13 +283,14 @@ class Block(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin, layer_cache, cache_index, token_mask, deterministic: bool):
+    def __call__(self, x, bias, cos, sin, layer_cache, cache_index, token_mask, deterministic: bool,
+                 rolling: bool = False):
         from therapy_rl.models import mixtral
 
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         attn_out, new_layer_cache = Attention(cfg, name="self_attn")(
-            _norm(cfg, "input_layernorm")(x), bias, cos, sin, layer_cache, cache_index, deterministic)
+            _norm(cfg, "input_layernorm")(x), bias, cos, sin, layer_cache, cache_index, deterministic, rolling)
         x = x + drop(attn_out, deterministic=deterministic)
         h = _norm(cfg, "post_attention_layernorm")(x)
         if cfg.is_moe:
@@ -279,21 +312,27 @@ class MistralForCausalLM(nn.Module):
 
         cfg = self.config
         length = input_ids.shape[1]
-        attention_mask, position_ids, offset = gpt2.mask_positions_offset("MistralForCausalLM", input_ids,
-                                                                          attention_mask, position_ids, cache)
+        rolling = bool(cache is not None and cfg.sliding_window and attention_mask is not None
+                       and cache.max_length == cfg.sliding_window < attention_mask.shape[-1])
+        attention_mask, position_ids, offset = gpt2.mask_positions_offset(
+            "MistralForCausalLM", input_ids, attention_mask, position_ids, cache,
+            max_length=attention_mask.shape[-1] if rolling else None)
         token_mask = attention_mask if cache is None else lax.dynamic_slice_in_dim(attention_mask, offset, length, 1)
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
         x = nn.Dropout(cfg.dropout_rate)(embed(input_ids), deterministic=deterministic)
-        bias = attention_bias(attention_mask, length, offset, cfg.sliding_window)
+        if rolling:
+            bias = rolling_attention_bias(attention_mask, length, offset, cfg.sliding_window)
+        else:
+            bias = attention_bias(attention_mask, length, offset, cfg.sliding_window)
         cos, sin = rope_tables(position_ids, cfg.head_dim_, cfg.rope_theta)
-        block_cls = nn.remat(Block, static_argnums=(8,)) if cfg.remat else Block
+        block_cls = nn.remat(Block, static_argnums=(8, 9)) if cfg.remat else Block
         new_keys, new_values, stats = [], [], []
         for i in range(cfg.num_hidden_layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
             x, new_layer_cache, router_stats = block_cls(cfg, name=f"layers_{i}")(
-                x, bias, cos, sin, layer_cache, offset, token_mask, deterministic)
+                x, bias, cos, sin, layer_cache, offset, token_mask, deterministic, rolling)
             if new_layer_cache is not None:
                 new_keys.append(new_layer_cache[0])
                 new_values.append(new_layer_cache[1])
