@@ -10,9 +10,9 @@ The model (family, LoRA, the router's load-balancing weight `router_aux_loss_coe
 policy/aux_loss_avg. The reference policy is the trunk with its adapters off: no second copy of the 47B weights.
 
 Mesh (documented, 32 devices: a TPU v5p-64 slice's 32 chips, or 4 hosts of 8 x H100-80GB):
-data=2 (and the expert axis: each MoE layer's 8 experts split 4 + 4), fsdp=8, tensor=2.
+expert=2 (each MoE layer's 8 experts split 4 + 4; the batch is split over it too), fsdp=8, tensor=2.
 Parameters are bf16 (93 GiB in all): 2.9 GiB per device; see the README's memory table and
-`python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py --preset mixtral-8x7b --mesh 2,8,2`.
+`python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py --preset mixtral-8x7b --mesh 1,8,2,2`.
 """
 
 from therapy_rl import defaults
@@ -21,7 +21,8 @@ from therapy_rl import defaults
 def get_config():
     config = defaults.ppo_defaults()
     config.data.source = "esconv"
-    config.mesh.data = 2
+    config.mesh.data = 1
+    config.mesh.expert = 2
     config.mesh.fsdp = 8
     config.mesh.tensor = 2
     config.global_batch_size = 64

@@ -1,6 +1,7 @@
-"""End to end on 8 simulated devices (data 2 x fsdp 2 x tensor 2):
-a tiny HF Mistral with LoRA through `python -m therapy_rl.main` SFT -> PPO -> eval, then `therapy_rl.export`;
-a tiny Mixtral SFT -> PPO with the router's load-balancing loss logged."""
+"""End to end on 8 simulated devices:
+a tiny HF Mistral with LoRA through `python -m therapy_rl.main` SFT -> PPO -> eval, then `therapy_rl.export`
+(data 2 x fsdp 2 x tensor 2); a tiny Mixtral SFT, then PPO with configs/ppo_mixtral8x7b.py, with the router's
+load-balancing loss logged (expert 2 x fsdp 2 x tensor 2)."""
 import json
 import os
 import subprocess
@@ -111,7 +112,7 @@ def test_tiny_mixtral_sft_then_ppo_logs_the_aux_loss(tmp_path):
     from therapy_rl import sft
     from therapy_rl.ppo import trainer
 
-    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    mesh = {"mesh.data": 1, "mesh.expert": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
     sft_dir, ppo_dir = str(tmp_path / "sft"), str(tmp_path / "ppo")
     config = load_config("quickstart", **{"model.family": "mixtral", "model.n_layer": 1, "model.n_embd": 32,
                                           "model.n_head": 4, "model.decoder.n_kv_head": 2,
@@ -122,10 +123,15 @@ def test_tiny_mixtral_sft_then_ppo_logs_the_aux_loss(tmp_path):
     sft.train_and_evaluate(config, sft_dir)
     sft_aux = [m["train/aux_loss"] for m in metrics(sft_dir) if "train/aux_loss" in m]
     assert sft_aux and all(1.9 < a < 4.0 for a in sft_aux)  # k = 2 when balanced, E = 4 at worst
-    config = load_config("quickstart_ppo", init_from=sft_dir, max_iterations=1, global_batch_size=8,
+    # configs/ppo_mixtral8x7b.py itself on ESConv, on its expert x fsdp x tensor mesh scaled to 8 devices; the
+    # emotion-tag reward stands in for the therapy reward (the reward models are tested elsewhere).
+    config = load_config("ppo_mixtral8x7b", init_from=sft_dir, max_iterations=1, global_batch_size=8,
                          eval_every_iterations=1, checkpoint_every_iterations=1, num_sample_replies=0,
                          num_eval_prompts=8, eval_batch_size=8, progress_bar=False,
-                         **{"ppo.minibatch_size": 4, "ppo.num_ppo_epochs": 1, "sampling.max_new_tokens": 8, **mesh})
+                         **{"ppo.minibatch_size": 4, "ppo.num_ppo_epochs": 1, "sampling.max_new_tokens": 8,
+                            "reward.kind": "emotion_tag", "data.max_train_samples": 64, "data.max_eval_samples": 16,
+                            "mesh.fsdp": 2})
+    assert (config.mesh.data, config.mesh.expert, config.mesh.tensor, config.data.source) == (1, 2, 2, "esconv")
     trainer.train_and_evaluate(config, ppo_dir)
     ppo_aux = [m["policy/aux_loss_avg"] for m in metrics(ppo_dir) if "policy/aux_loss_avg" in m]
     assert ppo_aux and all(1.9 < a < 4.0 for a in ppo_aux)

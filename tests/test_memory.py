@@ -31,4 +31,7 @@ def test_lora_optimizer_covers_adapters_only():
 
 def test_moe_experts_shard_over_the_expert_axis():
     moe = TINY.replace(model_type="mixtral", num_local_experts=4)
-    assert memory.estimate(moe, (2, 1, 1), 8, 16).params < memory.estimate(moe, (1, 1, 1), 8, 16).params / 1.5
+    alone = memory.estimate(moe, (1, 1, 1), 8, 16)
+    assert memory.estimate(moe, (1, 1, 1, 2), 8, 16).params < alone.params / 1.5
+    assert memory.estimate(moe, (2, 1, 1), 8, 16).params == alone.params  # pure data parallel replicates experts
+    assert memory.estimate(moe, (1, 1, 1, 2), 8, 16).activations == memory.estimate(moe, (2, 1, 1), 8, 16).activations

@@ -59,7 +59,7 @@ def test_four_devices_with_sharded_params_equal_one_device(quickstart_sft_workdi
     config.mesh.data, config.mesh.tensor = 2, 2  # params split by the GPT-2 rules (vocab-sharded logits)
     runner.evaluate(config, str(tmp_path), devices=jax.devices()[:4])
     got = read(str(tmp_path))
-    assert got[4]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2} and one_device[4]["mesh"]["data"] == 1
+    assert got[4]["mesh"] == {"data": 2, "expert": 1, "fsdp": 1, "tensor": 2} and one_device[4]["mesh"]["data"] == 1
     assert_same_evaluation(got, one_device)
     report, _, generations, decoding, _ = one_device
     # Not vacuous: real replies, and the candidates' sampling differs.
@@ -83,7 +83,7 @@ def test_two_processes_of_two_devices_equal_one_device(quickstart_sft_workdir, o
     logs = [open(f"{workdir}.proc{i}.log").read() for i in range(2)]
     assert rc == 0, "\n".join(log[-3000:] for log in logs)
     got = read(workdir)
-    assert got[4]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and got[4]["processes"] == 2
+    assert got[4]["mesh"] == {"data": 4, "expert": 1, "fsdp": 1, "tensor": 1} and got[4]["processes"] == 2
     assert_same_evaluation(got, one_device)
     assert "report " in logs[0] and "report " not in logs[1]  # one writer, one summary
 

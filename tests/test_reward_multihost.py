@@ -71,7 +71,7 @@ def test_therapy_reward_two_processes_match_one_process(tmp_path, data_dir):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in outputs[0] and "reward therapy" in outputs[0]
+    assert "mesh {'data': 4, 'expert': 1, 'fsdp': 1, 'tensor': 1}" in outputs[0] and "reward therapy" in outputs[0]
 
     rows, ref_rows = _metrics(multi), _metrics(single)
     # eval at 0, then per iteration a train row and an eval row

@@ -32,7 +32,7 @@ def test_checkpoint_is_sharded(sharded_dir):
 
 
 def test_each_device_holds_only_its_shard(sharded_dir, monkeypatch):
-    mesh = parallel.make_mesh(parallel.MeshShape(data=2, fsdp=2, tensor=2))
+    mesh = parallel.make_mesh(parallel.MeshShape(data=1, fsdp=2, tensor=2, expert=2))
     config = families.read_hf_config(sharded_dir).replace(vocab_size=70)  # grown vocabulary: 70 = 2 * 35
     reads = []
     original = sharded_load._Reader.read
@@ -60,7 +60,7 @@ def test_each_device_holds_only_its_shard(sharded_dir, monkeypatch):
             np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(expected)[shard.index])
         checked += spec != jax.sharding.PartitionSpec()
     assert checked >= 10
-    experts = params["layers_0"]["block_sparse_moe"]["w1"]  # [E, D, F] over (data, fsdp, tensor)
+    experts = params["layers_0"]["block_sparse_moe"]["w1"]  # [E, D, F] over (expert, fsdp, tensor)
     assert experts.shape == (4, 32, 16) and experts.addressable_shards[0].data.shape == (2, 16, 8)
     # Sharded params were read slice by slice: no single read covered a whole tensor of a sharded param.
     sharded_names = {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight"}

@@ -73,7 +73,7 @@ SAMPLING_RULES = {
     "top_p": number(0, 1, low_open=True), "greedy": BOOL,
 }
 MESH_RULES = {axis: (lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == -1 or v >= 1),
-                     "-1 (the remaining devices) or an integer >= 1") for axis in ("data", "fsdp", "tensor")}
+                     "-1 (the remaining devices) or an integer >= 1") for axis in ("data", "fsdp", "tensor", "expert")}
 WANDB_RULES = {"wandb.enabled": BOOL, "wandb.mode": one_of("offline", "online", "disabled"), "wandb.project": TEXT,
                "wandb.name": TEXT}
 OPTIMIZER_RULES = {
@@ -241,7 +241,7 @@ def _check_data_values(check: _Checker, mode: str) -> None:
 
 def _check_batches(check: _Checker, mode: str, device_count: int | None, process_count: int | None) -> None:
     """Batch splits: gradient accumulation and mini-batches divide their batch; batches split evenly over the
-    processes and over the mesh's batch axes (data x fsdp)."""
+    processes and over the mesh's batch axes (data x expert x fsdp)."""
     import jax
 
     from therapy_rl import parallel
@@ -251,10 +251,11 @@ def _check_batches(check: _Checker, mode: str, device_count: int | None, process
     processes = jax.process_count() if process_count is None else process_count
     mesh = config.mesh
     try:
-        data, fsdp, _ = parallel.MeshShape(mesh.data, mesh.fsdp, mesh.tensor).resolve(devices)
+        data, expert, fsdp, _ = parallel.mesh_shape_of(mesh).resolve(devices)
     except ValueError as err:
-        check.problems.append(f"--config.mesh.data={mesh.data} --config.mesh.fsdp={mesh.fsdp} "
-                              f"--config.mesh.tensor={mesh.tensor}: {err}; their product must be the device count "
+        check.problems.append(f"--config.mesh.data={mesh.data} --config.mesh.expert={mesh.get('expert', 1)} "
+                              f"--config.mesh.fsdp={mesh.fsdp} --config.mesh.tensor={mesh.tensor}: {err}; "
+                              f"their product must be the device count "
                               f"{devices} (one axis may be -1 for the rest)")
         return
     batch = config.get("global_batch_size")  # none in eval
@@ -266,12 +267,12 @@ def _check_batches(check: _Checker, mode: str, device_count: int | None, process
             check.add("ppo.minibatch_size", f"must divide --config.global_batch_size={batch}")
         elif minibatch % config.ppo.grad_accum_steps:
             check.add("ppo.grad_accum_steps", f"must divide --config.ppo.minibatch_size={minibatch}")
-    shards = data * fsdp
+    shards = data * expert * fsdp
     for field in ("eval_batch_size",) if mode == "eval" else ("global_batch_size", "eval_batch_size"):
         size = config[field]
         if size % processes or size % shards:
             check.add(field, f"must be a multiple of the {processes} process(es) and of the mesh's batch shards "
-                      f"(data {data} x fsdp {fsdp} = {shards})")
+                      f"(data {data} x expert {expert} x fsdp {fsdp} = {shards})")
 
 
 def _check_eval_values(check: _Checker) -> None:

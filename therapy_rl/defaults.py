@@ -93,6 +93,7 @@ def mesh_defaults() -> ml_collections.ConfigDict:
     mesh.data = -1  # -1 = all remaining devices
     mesh.fsdp = 1  # devices the parameters and optimizer state are sharded over (FSDP)
     mesh.tensor = 1  # devices each layer's matrices are split over (tensor parallel)
+    mesh.expert = 1  # devices the experts of each MoE layer are split over (the batch is split over them too)
     return mesh
 
 

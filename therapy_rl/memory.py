@@ -1,7 +1,9 @@
 """Bytes per device of a training config on a mesh: parameters, gradients, optimizer state, activations.
 
     python -m therapy_rl.memory --config configs/sft_mistral7b_lora_esconv.py --preset mistral-7b \
-        --mesh 1,8,1 --mesh 1,4,2 [--config.global_batch_size=16]
+        --mesh 1,8,1 --mesh 1,4,2 --mesh 1,4,1,2 [--config.global_batch_size=16]
+
+A mesh is data,fsdp,tensor[,expert] (expert = 1 when left out).
 
 The shape comes from `--preset` (mistral-7b, mixtral-8x7b, gpt2; no download) or from the config
 (`config.model.hf_checkpoint`'s config.json, else its n_* fields). Parameter shards come from the family's real
@@ -10,7 +12,7 @@ not divide is counted as replicated, as training would place it. Estimates, not 
 - params in `param_dtype` (float32 unless --param_dtype=bfloat16); gradients like the trainable params;
   AdamW keeps two float32 moments of each trainable param (LoRA: adapters only, plus the frozen base);
 - activations per device for one micro-batch (global_batch_size / grad_accum_steps rows, max_length_tokens each)
-  split over data x fsdp (rows) and tensor (heads, MLP width, vocabulary): the tensors each block saves for the
+  split over data x expert x fsdp (rows) and tensor (heads, MLP width, vocabulary): the tensors each block saves for the
   backward pass (inputs of every matmul, attention probabilities in float32, SwiGLU/GELU intermediates; the MoE
   block's dense dispatch keeps E experts' intermediates) plus the float32 logits and their gradient.
   With remat a block keeps only its input; one block's full set is live again during its backward.
@@ -99,8 +101,8 @@ def estimate(config, mesh: Sequence[int], rows_per_step: int, seq: int, optimize
 
     from therapy_rl.models import families
 
-    data, fsdp, tensor = mesh
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    data, fsdp, tensor, expert = (*mesh, 1) if len(mesh) == 3 else mesh
+    sizes = {"data": data, "expert": expert, "fsdp": fsdp, "tensor": tensor}
     shapes = jax.eval_shape(lambda k: families.init_params(config, k), jax.random.key(0))
     params, adapters = _shard_bytes(shapes, families.partition_rules(config), sizes)
     lora = families.lora_config(config)
@@ -114,7 +116,7 @@ def estimate(config, mesh: Sequence[int], rows_per_step: int, seq: int, optimize
     else:
         trainable = params
         trainable_f32 = params * 4 / np.dtype(config.params_dtype).itemsize
-    acts, acts_remat = _activation_bytes(config, rows_per_step / (data * fsdp), seq, tensor)
+    acts, acts_remat = _activation_bytes(config, rows_per_step / (data * expert * fsdp), seq, tensor)
     return Estimate(params=params, grads=trainable, optimizer=optimizer_moments * trainable_f32, activations=acts,
                     activations_remat=acts_remat)
 
@@ -139,12 +141,12 @@ def table(config, model_config, meshes: Sequence[Sequence[int]]) -> str:
     lines = [f"model {getattr(model_config, 'model_type', 'gpt2')}, params {model_config.param_dtype}, compute "
              f"{model_config.dtype}, LoRA {'rank %d' % model_config.lora.rank if getattr(model_config, 'lora', None) else 'off'}, "
              f"{rows} rows x {seq} tokens per step", "",
-             "| mesh (data, fsdp, tensor) | params | grads | optimizer | activations | act. (remat) | total | total (remat) |",
+             "| mesh (data, fsdp, tensor, expert) | params | grads | optimizer | activations | act. (remat) | total | total (remat) |",
              "|---|---|---|---|---|---|---|---|"]
     for mesh in meshes:
         e = estimate(model_config, mesh, rows, seq)
         cells = [e.params, e.grads, e.optimizer, e.activations, e.activations_remat, e.total(False), e.total(True)]
-        lines.append(f"| {tuple(mesh)} | " + " | ".join(f"{c / GIB:.2f} GiB" for c in cells) + " |")
+        lines.append(f"| {tuple(mesh) + (1,) * (4 - len(mesh))} | " + " | ".join(f"{c / GIB:.2f} GiB" for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,10 +158,10 @@ def main(argv):
         raise SystemExit(f"unexpected arguments {argv[1:]}")
     meshes = [tuple(int(x) for x in m.split(",")) for m in flags_.mesh]
     for mesh in meshes:
-        if len(mesh) != 3 or min(mesh) < 1:
+        if len(mesh) not in (3, 4) or min(mesh) < 1:
             from therapy_rl import errors
 
-            raise errors.ConfigError(f"--mesh {mesh}: expected three positive sizes data,fsdp,tensor")
+            raise errors.ConfigError(f"--mesh {mesh}: expected positive sizes data,fsdp,tensor[,expert]")
     model_config = model_config_for(flags_.config, flags_.preset, flags_.param_dtype)
     print(table(flags_.config, model_config, meshes))
 
@@ -172,7 +174,7 @@ if __name__ == "__main__":
 
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
     flags.DEFINE_string("preset", "", "mistral-7b | mixtral-8x7b | gpt2; empty = the config's model.")
-    flags.DEFINE_multi_string("mesh", ["1,8,1"], "data,fsdp,tensor sizes; repeat for several meshes.")
+    flags.DEFINE_multi_string("mesh", ["1,8,1"], "data,fsdp,tensor[,expert] sizes; repeat for several meshes.")
     flags.DEFINE_string("param_dtype", "bfloat16", "Storage dtype of the parameters: bfloat16 | float32.")
     flags.mark_flags_as_required(["config"])
     sys.exit(cli.run_cli(main))

@@ -1,7 +1,8 @@
 """Device mesh, regex partition rules and shardings for params, optimizer state and batches.
 
-Axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with sharded params and optimizer state) and
-``tensor`` (model parallel inside a layer). Batches are split over ``("data", "fsdp")``.
+Axes: ``data`` (pure data parallel), ``expert`` (data parallel whose devices each hold a share of every
+mixture-of-experts layer's experts), ``fsdp`` (data parallel with sharded params and optimizer state) and ``tensor``
+(model parallel inside a layer). Batches are split over ``("data", "expert", "fsdp")``.
 """
 
 from __future__ import annotations
@@ -15,20 +16,22 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
+BATCH_AXES = ("data", "expert", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
-    """Sizes of the three mesh axes; one of them may be -1 to take the remaining devices."""
+    """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def resolve(self, num_devices: int) -> tuple[int, int, int, int]:
+        """The sizes in MESH_AXES order (data, expert, fsdp, tensor)."""
+        sizes = [self.data, self.expert, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
             raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
         known = int(np.prod([s for s in sizes if s != -1]))
@@ -40,9 +43,20 @@ class MeshShape:
             raise ValueError(f"mesh {tuple(sizes)} needs {int(np.prod(sizes))} devices, {num_devices} available")
         return tuple(sizes)
 
+    def batch_shards(self, num_devices: int) -> int:
+        """Devices a batch is split over (data x expert x fsdp)."""
+        data, expert, fsdp, _ = self.resolve(num_devices)
+        return data * expert * fsdp
+
+
+def mesh_shape_of(mesh_config) -> MeshShape:
+    """The MeshShape of a config's ``mesh`` section (a ConfigDict or dict; missing axes take their defaults)."""
+    get = mesh_config.get if mesh_config else (lambda key, default: default)
+    return MeshShape(get("data", -1), get("fsdp", 1), get("tensor", 1), get("expert", 1))
+
 
 def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all global devices)."""
+    """A ``(data, expert, fsdp, tensor)`` mesh over ``devices`` (default: all global devices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = shape.resolve(len(devices))
     device_grid = np.asarray(devices).reshape(sizes)

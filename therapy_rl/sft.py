@@ -204,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     model_config = build.model_config_from(config.model, tok.vocab_size)
     run_files.write_run_info(workdir, config, model_config, resume)
 
-    mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    mesh = parallel.make_mesh(parallel.mesh_shape_of(config.mesh))
     iterator = batches.BatchIterator(train.sft, config.global_batch_size, seed=config.seed)
     total_steps = config.max_steps or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
     optimizer = families.trainable_optimizer(  # with LoRA: the adapters only

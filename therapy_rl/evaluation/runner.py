@@ -89,12 +89,11 @@ def reply_fields(tok, ids: Sequence[int]) -> dict:
 
 
 def mesh_of(config, devices: Sequence[jax.Device] | None = None):
-    """The ``(data, fsdp, tensor)`` mesh of ``config.mesh`` (all data-parallel when the config has none) over
-    ``devices`` (default: every global device)."""
+    """The ``(data, expert, fsdp, tensor)`` mesh of ``config.mesh`` (all data-parallel when the config has none)
+    over ``devices`` (default: every global device)."""
     from therapy_rl import parallel
 
-    m = config.get("mesh") or {}
-    shape = parallel.MeshShape(m.get("data", -1), m.get("fsdp", 1), m.get("tensor", 1))
+    shape = parallel.mesh_shape_of(config.get("mesh"))
     try:
         return parallel.make_mesh(shape, devices)
     except ValueError as err:
@@ -117,11 +116,13 @@ class Generator:
         self.model_config, self.params, self.tok = model_config, params, tok
         self.sampling_cfg, self.batch_size, self.mesh = sampling_cfg, batch_size, mesh
         if mesh is not None:
-            shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+            from therapy_rl import parallel
+
+            shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
             if batch_size % shards or batch_size % jax.process_count():
                 raise errors.ConfigError(
                     f"config.eval_batch_size={batch_size}: must be a multiple of the {jax.process_count()} "
-                    f"process(es) and of the mesh's batch shards (data x fsdp = {shards})")
+                    f"process(es) and of the mesh's batch shards (data x expert x fsdp = {shards})")
 
     def sampling_config(self, settings: Mapping[str, Any]):
         from therapy_rl import replies

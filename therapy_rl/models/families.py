@@ -89,10 +89,10 @@ GPT2 = Family(
 
 # ------------------------------------------------------------------------------ Mistral / Llama / Qwen2 / Mixtral
 
-# Mesh axes: "fsdp" shards the model dimension D, "tensor" heads and the MLP width, and EXPERT_AXIS the stacked
-# experts of a MoE layer. Expert parallelism rides on the "data" axis (the batch is split over it too), so an
-# expert's weights live on 1/data of the devices and XLA moves tokens, not weights, between them.
-EXPERT_AXIS = "data"
+# Mesh axes: "fsdp" shards the model dimension D, "tensor" heads and the MLP width, and "expert" the stacked
+# experts of a MoE layer. The batch is split over "expert" too (parallel.BATCH_AXES), so outside the MoE layers
+# those devices are data parallel, and each holds 1/expert of every MoE layer's experts.
+EXPERT_AXIS = "expert"
 
 MISTRAL_PARTITION_RULES: tuple = (
     (r"embed_tokens/embedding$", P("tensor", "fsdp")),

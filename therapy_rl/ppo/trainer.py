@@ -314,7 +314,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             train_prompts, [train.samples[i] for i in train_prompts["sample_index"]])
         val_prompts = reward_fn.register_samples(val_prompts, [val.samples[i] for i in val_prompts["sample_index"]])
 
-    mesh = parallel.make_mesh(parallel.MeshShape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    mesh = parallel.make_mesh(parallel.mesh_shape_of(config.mesh))
     iterator = batches.BatchIterator(train_prompts, config.global_batch_size, seed=config.seed)
     total_iterations = config.max_iterations or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
     hyper = hyper_from_config(config.ppo, config.global_batch_size, tok.eos_id)
