@@ -104,6 +104,53 @@ def test_lora_sft_lowers_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_frozen_weights_get_no_gradient_computation():
+    """With LoRA the step differentiates only the trained leaves: the update and the adapters' gradients equal a
+    full-tree differentiation's, the reported grad norm covers the trained leaves only, and the compiled step does
+    fewer FLOPs (the frozen kernels' weight gradients are never computed)."""
+    from therapy_rl import ops
+
+    config = CFG.replace(lora=LORA)
+    params = _params_with_random_adapters(config)
+    model = mistral.MistralForCausalLM(config)
+    ids, mask = _batch(batch=8)
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask.astype(np.float32)}
+    mask_tree = families.trainable_mask(config, params)
+    assert families.trainable_mask(CFG, params) is None
+    trained = [p for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(mask_tree)) if f]
+    assert 0 < len(trained) < len(jax.tree.leaves(params))
+
+    def loss_fn(p, micro, key):
+        sums = sft._lm_sums(model, p, micro, True, key)
+        return sums["nll_sum"], sums
+
+    full = jax.jit(lambda p: ops.accumulate_gradients(loss_fn, p, batch, 2)[1])(params)
+    pruned = jax.jit(lambda p: ops.accumulate_gradients(loss_fn, p, batch, 2, trainable=mask_tree)[1])(params)
+    frozen_with_gradient = 0  # frozen leaves outside the adapted layers (k_proj, norms, ...) have a gradient
+    for g_full, g_pruned, flag in zip(jax.tree.leaves(full), jax.tree.leaves(pruned), jax.tree.leaves(mask_tree)):
+        if flag:
+            np.testing.assert_allclose(np.asarray(g_pruned), np.asarray(g_full), rtol=1e-5, atol=1e-5)
+        else:
+            assert not np.any(np.asarray(g_pruned))
+            frozen_with_gradient += bool(np.any(np.asarray(g_full)))
+    assert frozen_with_gradient >= 5
+
+    optimizer = families.trainable_optimizer(config, optax.adamw(1e-2))
+    state = sft.create_train_state(params, optimizer, 0)
+    step = jax.jit(sft.make_train_step(model, optimizer, dropout=False))
+    new_state, metrics = step(state, batch)
+    adapter_norm = float(optax.tree.norm([g / mask[:, 1:].sum() for g, f in zip(jax.tree.leaves(full),
+                                                                          jax.tree.leaves(mask_tree)) if f]))
+    np.testing.assert_allclose(float(metrics["train/grad_norm"]), adapter_norm, rtol=1e-4)
+    flops = lambda fn: jax.jit(fn).lower(params).compile().cost_analysis()["flops"]  # noqa: E731
+    full_flops = flops(lambda p: ops.accumulate_gradients(loss_fn, p, batch, 1)[1])
+    pruned_flops = flops(lambda p: ops.accumulate_gradients(loss_fn, p, batch, 1, trainable=mask_tree)[1])
+    assert pruned_flops < 0.9 * full_flops, (pruned_flops, full_flops)
+    for before, after, flag in zip(jax.tree.leaves(params), jax.tree.leaves(new_state.params),
+                                   jax.tree.leaves(mask_tree)):
+        assert np.array_equal(np.asarray(before), np.asarray(after)) != flag
+
+
 def test_peft_loads_the_exported_adapter(tmp_path):
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")

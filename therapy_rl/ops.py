@@ -152,15 +152,21 @@ def split_microbatches(tree: Any, num_microbatches: int) -> Any:
 
 
 def accumulate_gradients(loss_fn: Callable[[Any, Any, Optional[Array]], tuple[Array, Any]], params: Any,
-                         batch: Any, num_microbatches: int,
-                         keys: Optional[Array] = None) -> tuple[Array, Any, Any]:
+                         batch: Any, num_microbatches: int, keys: Optional[Array] = None,
+                         trainable: Optional[Any] = None) -> tuple[Array, Any, Any]:
     """Sum `value_and_grad(loss_fn)` over micro-batches (rows in order) with `lax.scan`.
 
     `loss_fn(params, microbatch, key) -> (loss, aux)` must divide by the *whole batch's* denominator (sums, or
     `ppo.core.loss_denominator` of the whole mini-batch); then the summed loss, gradients and aux equal those of
     one call on the full batch. `keys` (optional) holds one key per micro-batch, [num_microbatches]; loss_fn gets
     None without them. Returns (loss, grads, aux), each summed over micro-batches.
+
+    `trainable` (optional, a pytree of Python bools like `params`, e.g. `families.trainable_mask`) limits the
+    differentiation to its True leaves: frozen leaves (LoRA's base) get zero gradients, so the backward pass skips
+    their weight gradients and the accumulator holds only the trained leaves.
     """
+    if trainable is not None:
+        return _accumulate_trainable(loss_fn, params, batch, num_microbatches, keys, trainable)
     if not isinstance(num_microbatches, int) or num_microbatches < 1:
         raise ValueError(f"therapy_rl/ops.py:accumulate_gradients: num_microbatches must be a positive int, "
                          f"got {num_microbatches!r}")
@@ -183,3 +189,21 @@ def accumulate_gradients(loss_fn: Callable[[Any, Any, Optional[Array]], tuple[Ar
 
     ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
     return loss, grads, aux
+
+
+def _accumulate_trainable(loss_fn, params, batch, num_microbatches, keys, trainable):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flags = [bool(f) for f in jax.tree_util.tree_leaves(trainable)]
+    if len(flags) != len(leaves):
+        raise ValueError(f"therapy_rl/ops.py:accumulate_gradients: `trainable` has {len(flags)} leaves, params "
+                         f"{len(leaves)}")
+
+    def with_frozen(trained):
+        it = iter(trained)
+        return treedef.unflatten([next(it) if f else leaf for leaf, f in zip(leaves, flags)])
+
+    trained = [leaf for leaf, f in zip(leaves, flags) if f]
+    loss, grads, aux = accumulate_gradients(lambda t, mb, key: loss_fn(with_frozen(t), mb, key), trained, batch,
+                                            num_microbatches, keys)
+    it = iter(grads)
+    return loss, treedef.unflatten([next(it) if f else jnp.zeros_like(leaf) for leaf, f in zip(leaves, flags)]), aux

@@ -89,7 +89,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, grad_accum_s
             keys = step_key[None]
         else:
             keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.arange(grad_accum_steps))
-        _, grads, sums = ops.accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps, keys)
+        _, grads, sums = ops.accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps, keys,
+                                                  families.trainable_mask(model.config, state.params))
         denominator = jnp.maximum(sums["target_count"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -338,6 +338,12 @@ def without_adapters(config):
     return config.replace(lora=None) if lora_config(config) is not None else config
 
 
+def _trained_keys(lora, also_trainable: tuple, embeddings: bool) -> tuple:
+    if embeddings and lora.train_embeddings:
+        return tuple(also_trainable) + ("embed_tokens", "lm_head")
+    return tuple(also_trainable)
+
+
 def trainable_optimizer(config, optimizer, also_trainable: tuple = (), embeddings: bool = True):
     """`optimizer` restricted to the LoRA adapters (and the keys `also_trainable`, and with `embeddings` and
     `lora.train_embeddings` the token embedding and LM head) when the config has adapters: frozen weights get no
@@ -345,9 +351,17 @@ def trainable_optimizer(config, optimizer, also_trainable: tuple = (), embedding
     lora = lora_config(config)
     if lora is None:
         return optimizer
-    if embeddings and lora.train_embeddings:
-        also_trainable = tuple(also_trainable) + ("embed_tokens", "lm_head")
-    return lora_lib.adapter_optimizer(optimizer, also_trainable)
+    return lora_lib.adapter_optimizer(optimizer, _trained_keys(lora, also_trainable, embeddings))
+
+
+def trainable_mask(config, params, also_trainable: tuple = (), embeddings: bool = True):
+    """Pytree of Python bools over `params`, True on the leaves `trainable_optimizer` (same arguments) updates;
+    None without LoRA (every leaf is trained). `ops.accumulate_gradients` differentiates only the True leaves."""
+    lora = lora_config(config)
+    if lora is None:
+        return None
+    labels = lora_lib.adapter_labels(params, _trained_keys(lora, also_trainable, embeddings))
+    return jax.tree.map(lambda label: label == "adapter", labels)
 
 
 def restart_adapters(config, params, key, mesh=None):

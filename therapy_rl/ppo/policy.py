@@ -55,6 +55,17 @@ def init_policy_params(trunk_params: Any, rng: jax.Array, spec: PolicySpec, valu
     return params
 
 
+def trainable_optimizer(spec: PolicySpec, optimizer):
+    """`optimizer` on what PPO trains: every leaf, or with LoRA the adapters and the value head (not the embeddings)."""
+    return families.trainable_optimizer(spec.model_config, optimizer, also_trainable=(VALUE_HEAD_KEY,),
+                                        embeddings=False)
+
+
+def trainable_mask(spec: PolicySpec, params: Any):
+    """The leaves `trainable_optimizer` updates, as `families.trainable_mask` (None: all)."""
+    return families.trainable_mask(spec.model_config, params, also_trainable=(VALUE_HEAD_KEY,), embeddings=False)
+
+
 def full_sequence(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(ids [B, P+N], mask [B, P+N]) of prompt + response; the prompt is left-padded, the response right-padded."""
     ids = jnp.concatenate([batch["prompt_ids"], batch["tokens"]], axis=1).astype(jnp.int32)

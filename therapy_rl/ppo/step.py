@@ -135,7 +135,7 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
                 else None)
         _, grads, metrics = ops.accumulate_gradients(
             lambda p, micro, rng: loss_fn(p, micro, rng, denominator), params, minibatch, hyper.grad_accum_steps,
-            keys)
+            keys, policy.trainable_mask(spec, params))
         grads, skipped = core.gate_on_ratio(grads, metrics["policy/ratio_mean"], hyper.ratio_threshold)
         metrics["policy/grad_norm"] = optax.tree.norm(grads)
         metrics["policy/skipped"] = skipped.astype(jnp.float32)

@@ -319,11 +319,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     total_iterations = config.max_iterations or int(math.ceil(config.num_epochs * iterator.steps_per_epoch))
     hyper = hyper_from_config(config.ppo, config.global_batch_size, tok.eos_id)
     optimizer_config = optim.optimizer_config_from(config, total_iterations * hyper.num_epochs * hyper.num_minibatches)
-    optimizer = families.trainable_optimizer(model_config, optim.make_optimizer(optimizer_config),
-                                             also_trainable=(policy.VALUE_HEAD_KEY,), embeddings=False)
     spec = policy.PolicySpec(model_config, separate_critic=config.ppo.separate_critic, dropout=config.ppo.dropout,
                              value_dropout_rate=config.ppo.value_dropout_rate,
                              logprob_temperature=config.sampling.temperature)
+    optimizer = policy.trainable_optimizer(spec, optim.make_optimizer(optimizer_config))
     if config.sampling.greedy:
         raise ValueError("config.sampling.greedy=True: PPO needs sampled rollouts (greedy has no exploration)")
     if config.sampling.top_k or config.sampling.top_p < 1.0:
