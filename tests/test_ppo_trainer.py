@@ -136,7 +136,8 @@ def test_kl_coef_is_read_from_state_without_recompiling(single):
     rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"], "tokens": sample.tokens,
                "response_mask": sample.response_mask, "valid": batch["valid"],
                "scores": jax.device_put(jnp.linspace(-1.0, 1.0, BATCH), parallel.batch_sharding(mesh, 1)),
-               "scores_after_clip": jax.device_put(jnp.zeros(BATCH), parallel.batch_sharding(mesh, 1))}
+               "scores_after_clip": jax.device_put(jnp.zeros(BATCH), parallel.batch_sharding(mesh, 1)),
+               "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden}
 
     def run(coef):
         host = jax.device_get(state)
@@ -158,6 +159,48 @@ def test_kl_coef_is_read_from_state_without_recompiling(single):
     # the adaptive controller moved each coefficient from its own value
     expected = [core.adaptive_kl_update(c, m["objective/kl"], BATCH, 6.0, 10000.0) for c, m in ((0.2, m1), (2.0, m2))]
     np.testing.assert_allclose([s1.kl_coef, s2.kl_coef], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_rollout_logprobs_and_hidden_replace_the_old_forward_pass(separate_critic):
+    """The sampler's log-probs (and hidden states under the value head) equal a teacher-forced pass of the policy,
+    and an iteration that reuses them updates the policy like one that runs the pass."""
+    mesh = parallel.make_mesh(parallel.MeshShape(1, 1, 1), jax.devices()[:1])
+    spec = policy.PolicySpec(MODEL, separate_critic=separate_critic)
+    hyper = ppo_step.PPOHyper(kl=core.KLControllerConfig(init_coef=0.05), num_epochs=2, num_minibatches=2,
+                              eos_id=EOS)
+    sampling_config = sampling.SamplingConfig(max_new_tokens=NEW, eos_id=EOS, pad_id=PAD)
+    results = {}
+    for reuse in (True, False):
+        state, state_sh, ref, ref_sh = _fresh_state(spec, hyper, mesh, 3e-3, seed=4)
+        stages = trainer.build_stages(spec, hyper, sampling_config, _optimizer(3e-3), mesh, state_sh, ref_sh,
+                                      simple_rewards.TargetTokenReward(TARGET),
+                                      reward_protocol.ResponseIds(eos_id=EOS), BATCH, PROMPT, reuse_rollout=reuse)
+        assert stages.reuse_rollout == reuse
+        batch = parallel.global_batch_from_host(_prompts(31), mesh)
+        if reuse:
+            sample = stages.generate(state.params[policy.TRUNK_KEY], batch["prompt_ids"], batch["prompt_mask"],
+                                     ppo_step.rollout_key(state))
+            assert (sample.hidden is None) == separate_critic
+            rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                       "tokens": sample.tokens, "response_mask": sample.response_mask,
+                       "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden}
+            if separate_critic:
+                rollout.pop("rollout_hidden")
+            reused = jax.jit(lambda p, r: ppo_step.rollout_logp_and_values(spec, p, r, r))(state.params, rollout)
+            forward = jax.jit(lambda p, r: policy.policy_outputs(spec, p, r)[:2])(state.params, rollout)
+            mask = np.asarray(sample.response_mask)
+            assert mask.sum() > BATCH and (mask == 0).any()  # real responses, some ended early
+            for got, want in zip(reused, forward):
+                np.testing.assert_allclose(np.asarray(got), np.where(mask == 1, np.asarray(want), 0), atol=2e-5)
+        result = trainer.run_iteration(stages, state, ref, batch)
+        results[reuse] = (jax.device_get(result.state.params), result.metrics, np.asarray(result.tokens))
+    (p_reuse, m_reuse, t_reuse), (p_pass, m_pass, t_pass) = results[True], results[False]
+    np.testing.assert_array_equal(t_reuse, t_pass)
+    for key in ("objective/kl", "loss/policy_avg", "loss/value_avg", "value/mean"):
+        np.testing.assert_allclose(m_reuse[key], m_pass[key], atol=1e-5, rtol=1e-4, err_msg=key)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), p_reuse, p_pass)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 5e-5, diffs
 
 
 def _one_iteration(stages, state, ref, mesh):

@@ -222,7 +222,8 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.missing_eos_penalty = 0.0  # subtracted from the score of responses that never emit EOS; 0 = off
     p.ratio_threshold = 10.0  # skip a mini-batch whose mean ratio exceeds this (TRL 0.11); <= 0 = off
     p.separate_critic = False  # True = a second GPT-2 trunk (from the same SFT params) under the value head
-    p.dropout = False  # dropout in the update's forward passes (off: the first ratio is exactly 1)
+    p.dropout = False  # dropout in the update's forward passes (off: the first ratio is 1 up to float rounding)
+    p.reuse_rollout_logprobs = True  # old log-probs (shared trunk: and values) from the sampler, no forward pass; needs sampling.temperature == 1
     p.value_dropout_rate = 0.1  # value-head dropout, only with dropout = True
     p.value_head_init = "torch_linear"  # torch_linear | scaled_normal | zeros
     c.ppo = p

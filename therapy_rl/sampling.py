@@ -59,6 +59,7 @@ class SampleOutput(NamedTuple):
     lengths: jax.Array  # [B] int32; response_mask.sum(-1)
     logprobs: jax.Array  # [B, N] float32; raw model log p (T=1, unfiltered) of the chosen token; 0 where masked
     sampling_logprobs: jax.Array  # [B, N] float32; log p under the filtered, tempered distribution; 0 for greedy
+    hidden: Optional[jax.Array] = None  # [B, N, D] final hidden state that predicted each token (with_hidden only)
 
 
 # ----------------------------------------------------------------------------------------------- plan and knobs
@@ -320,12 +321,19 @@ class _LoopState(NamedTuple):
 def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
                 sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
                 knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
+    return sample_loop_with_state(first_logits, step_fn, model_state, rng, sampling, active, knobs)[0]
+
+
+def sample_loop_with_state(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
+                           sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
+                           knobs: Optional[SamplingKnobs] = None) -> Tuple[SampleOutput, object]:
     """Decode `sampling.max_new_tokens` tokens; the model is reached only through `step_fn`.
 
     first_logits [B, V] are the logits for token 0 (from the prefill). Each step splits the carried key,
     samples, marks rows finished on EOS (finished rows then emit pad_id), and stops early once every row
     is finished. `active` [B] bool (default all) marks rows to decode; inactive rows are finished from
     the start and return only padding. `sampling` is a SamplingConfig, or a SamplingPlan with `knobs`.
+    Returns (the output, `step_fn`'s final state).
     """
     sampling, knobs = _plan_and_knobs(sampling, knobs)
     batch = first_logits.shape[0]
@@ -371,7 +379,7 @@ def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.
         return emit(s._replace(rng=rng, model_state=model_state), logits, key)
 
     state = lax.while_loop(cond, body, state)
-    return _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0)
+    return _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0), state.model_state
 
 
 def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOutput:
@@ -388,14 +396,15 @@ def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOu
 
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
-             knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
+             knobs: Optional[SamplingKnobs] = None, with_hidden: bool = False) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
     A cache of P + N slots (a rolling one of `sliding_window` slots when shorter) is prefilled with the prompt,
     then one token per while-loop step. Positions continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
     rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
     running. Rows whose prompt is all padding but are active decode from position 0. `sampling` is a
-    SamplingConfig, or a SamplingPlan with (traced) `knobs`.
+    SamplingConfig, or a SamplingPlan with (traced) `knobs`. `with_hidden` also returns the final hidden state
+    behind each token's logits (PPO's value head reads them instead of running the trunk again).
     """
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + sampling.max_new_tokens
@@ -415,18 +424,30 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
     first_logits = families.lm_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
     prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)
 
-    def step_fn(last_tokens, step, cache: KVCache):
+    def step_fn(last_tokens, step, model_state):
+        cache, hidden = model_state
         # The token produced at step n-1 sits at position prompt_length + n - 1.
         positions = (prompt_lengths + step - 1)[:, None]
         out = model.apply({"params": params}, last_tokens[:, None], key_mask, position_ids=positions,
                           cache=cache, compute_logits=False)
-        return families.lm_logits(params, out.hidden_states[:, 0], config), out.cache
+        if hidden is not None:
+            hidden = lax.dynamic_update_slice(hidden, out.hidden_states.astype(hidden.dtype), (0, step, 0))
+        return families.lm_logits(params, out.hidden_states[:, 0], config), (out.cache, hidden)
 
-    return sample_loop(first_logits, step_fn, prefill.cache, rng, sampling, active=active, knobs=knobs)
+    hidden = None
+    if with_hidden:
+        last = prefill.hidden_states[:, -1:]
+        hidden = jnp.zeros((batch, sampling.max_new_tokens, last.shape[-1]), last.dtype)
+        hidden = lax.dynamic_update_slice(hidden, last, (0, 0, 0))
+    output, (_, hidden) = sample_loop_with_state(first_logits, step_fn, (prefill.cache, hidden), rng, sampling,
+                                                 active=active, knobs=knobs)
+    return output if hidden is None else output._replace(hidden=hidden)
 
 
-def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_kwargs) -> "Sampler":
-    """`fn(params, prompt_ids, prompt_mask, rng, active=None) -> SampleOutput`, jitted for these static configs.
+def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, with_hidden: bool = False,
+                     **jit_kwargs) -> "Sampler":
+    """`fn(params, prompt_ids, prompt_mask, rng, active=None) -> SampleOutput`, jitted for these static configs
+    (`with_hidden`: see `generate`).
 
     Temperature, top_k and top_p are traced: without `jit_kwargs`, every SamplingConfig with the same plan
     (`split_sampling`) shares one compiled program. `jit_kwargs` go to `jax.jit` (e.g. in_shardings /
@@ -434,11 +455,11 @@ def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, **jit_k
     """
     plan, knobs = split_sampling(sampling)
     if not jit_kwargs:
-        return Sampler(_shared_generate(model_config, plan), knobs)
+        return Sampler(_shared_generate(model_config, plan, with_hidden), knobs)
     in_shardings = jit_kwargs.get("in_shardings")
     if isinstance(in_shardings, (tuple, list)):  # the knobs come first, replicated
         jit_kwargs = dict(jit_kwargs, in_shardings=(_replicated_like(in_shardings), *in_shardings))
-    return Sampler(_jit_generate(model_config, plan, jit_kwargs), knobs)
+    return Sampler(_jit_generate(model_config, plan, jit_kwargs, with_hidden), knobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,16 +497,17 @@ class _BoundStage:
         return self.stage(self.knobs, *args)
 
 
-def _jit_generate(model_config: GPT2Config, plan: SamplingPlan, jit_kwargs):
+def _jit_generate(model_config: GPT2Config, plan: SamplingPlan, jit_kwargs, with_hidden: bool = False):
     def knobbed(knobs, params, prompt_ids, prompt_mask, rng, active=None):
-        return generate(params, model_config, prompt_ids, prompt_mask, rng, plan, active=active, knobs=knobs)
+        return generate(params, model_config, prompt_ids, prompt_mask, rng, plan, active=active, knobs=knobs,
+                        with_hidden=with_hidden)
 
     return jax.jit(knobbed, **jit_kwargs)
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_generate(model_config: GPT2Config, plan: SamplingPlan):
-    return _jit_generate(model_config, plan, {})
+def _shared_generate(model_config: GPT2Config, plan: SamplingPlan, with_hidden: bool = False):
+    return _jit_generate(model_config, plan, {}, with_hidden)
 
 
 def _replicated_like(in_shardings):

@@ -5,6 +5,7 @@ The update is ONE jitted function `update_step(state, ref_params, rollout) -> (s
     scores   = whiten(clip(raw_scores - after_clip) + after_clip) [- missing-EOS penalty]   (over valid rows;
                after_clip = rollout["scores_after_clip"], the reward's safety penalty: no clip can hide it)
     logp, V  = policy + value head on the rollout (deterministic)          old log-probs and values
+               (or the sampler's: rollout["rollout_logp"], and value head on rollout["rollout_hidden"])
     ref_logp = frozen reference on the rollout
     targets  = core.rollout_targets(scores, logp, ref_logp, V, mask, state.kl_coef, ...)   KL penalty, GAE, whitening
     epochs x mini-batches (lax.scan over core.ppo_minibatch_schedule), each: ops.accumulate_gradients over
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from therapy_rl import defaults, nonfinite, ops, settings
-from therapy_rl.models import families
+from therapy_rl.models import families, value_head
 from therapy_rl.ppo import core, policy
 
 ROLLOUT_STREAM, UPDATE_STREAM = 0, 1
@@ -102,6 +103,24 @@ def process_scores(raw_scores: jax.Array, tokens: jax.Array, mask: jax.Array, va
     return jnp.where(valid != 0, scores, 0.0)
 
 
+def rollout_logp_and_values(spec: policy.PolicySpec, params: Any, batch: Mapping[str, jax.Array],
+                            rollout: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Old log-probs and values [B, N]: the sampler's log-probs when the rollout carries them (the same numbers as
+    a teacher-forced pass up to float rounding), the value head on the sampler's hidden states when it carries
+    those (shared trunk) or on the critic trunk; otherwise one deterministic pass of the policy."""
+    if "rollout_logp" not in rollout:
+        logp, values, _ = policy.policy_outputs(spec, params, batch)
+        return logp, values
+    mask = batch["response_mask"]
+    logp = jnp.where(mask != 0, rollout["rollout_logp"], 0.0)
+    if "rollout_hidden" in rollout:
+        hidden = rollout["rollout_hidden"]
+    else:
+        hidden = policy.response_hidden(spec.model_config, params[policy.CRITIC_KEY], batch)
+    values = value_head.values_from_hidden(params[policy.VALUE_HEAD_KEY], hidden, rng=None)
+    return logp, jnp.where(mask != 0, values, 0.0)
+
+
 def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
                      optimizer: optax.GradientTransformation) -> Callable:
     """`update_step(state, ref_params, rollout) -> (state, metrics)`.
@@ -149,7 +168,7 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         mask = rollout["response_mask"].astype(jnp.int32) * (valid[:, None] != 0).astype(jnp.int32)
         batch = {"prompt_ids": rollout["prompt_ids"], "prompt_mask": rollout["prompt_mask"],
                  "tokens": rollout["tokens"], "response_mask": mask}
-        old_logp, old_values, _ = policy.policy_outputs(spec, state.params, batch)
+        old_logp, old_values = rollout_logp_and_values(spec, state.params, batch, rollout)
         ref_logp = policy.reference_logprobs(spec, state.params[policy.TRUNK_KEY], ref_params, batch)
         scores = process_scores(rollout["scores"], rollout["tokens"], mask, valid, hyper,
                                 after_clip=rollout.get("scores_after_clip"))

@@ -46,7 +46,7 @@ def resolve_data_config(ppo_data, sft_data: Mapping[str, Any], where: str = "con
 
 # config.ppo fields that are not PPOHyper's: the mini-batch split and the policy's build (PolicySpec).
 PPO_FIELDS_READ_ELSEWHERE = ("minibatch_size", "separate_critic", "dropout", "value_dropout_rate",
-                             "value_head_init")
+                             "value_head_init", "reuse_rollout_logprobs")
 
 
 def hyper_from_config(ppo_cfg, global_batch_size: int, eos_id: int) -> ppo_step.PPOHyper:
@@ -110,28 +110,41 @@ class Stages:
     reward_fn: reward_protocol.RewardFn
     response_ids: reward_protocol.ResponseIds
     sequence_kl: Any  # (trunk, ref, batch) -> [B] summed k1 KL of each response
+    reuse_rollout: bool = False  # the update takes old log-probs (and hidden states) from the sampler
 
 
 def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_config, optimizer, mesh,
                  state_shardings: ppo_step.PPOState, ref_shardings: Any, reward_fn: reward_protocol.RewardFn,
-                 response_ids: reward_protocol.ResponseIds, batch_size: int, prompt_length: int) -> Stages:
+                 response_ids: reward_protocol.ResponseIds, batch_size: int, prompt_length: int,
+                 reuse_rollout: bool = True) -> Stages:
+    """`reuse_rollout`: the update reads the old log-probs from the sampler (and, with the shared trunk, the
+    hidden states under the value head) instead of running the policy on the rollout again; only when the
+    log-probs are the sampler's raw ones (logprob_temperature 1)."""
     from therapy_rl import parallel, sampling
 
     if sampling_config.max_new_tokens + prompt_length > spec.model_config.n_positions:
         raise ValueError(f"config.data.max_prompt_tokens ({prompt_length}) + config.sampling.max_new_tokens "
                          f"({sampling_config.max_new_tokens}) exceed the model's n_positions "
                          f"({spec.model_config.n_positions})")
-    b1, b2 = parallel.batch_sharding(mesh, 1), parallel.batch_sharding(mesh, 2)
+    b1, b2, b3 = (parallel.batch_sharding(mesh, n) for n in (1, 2, 3))
     trunk_sh = state_shardings.params[policy.TRUNK_KEY]
+    reuse_rollout = reuse_rollout and spec.logprob_temperature == 1.0
+    with_hidden = reuse_rollout and not spec.separate_critic
     generate = sampling.make_generate_fn(
-        spec.model_config, sampling_config, in_shardings=(trunk_sh, b2, b2, parallel.replicated(mesh)),
-        out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2))
+        spec.model_config, sampling_config, with_hidden=with_hidden,
+        in_shardings=(trunk_sh, b2, b2, parallel.replicated(mesh)),
+        out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2, b3 if with_hidden else None))
     example = {"prompt_ids": np.zeros((batch_size, prompt_length), np.int32),
                "prompt_mask": np.zeros((batch_size, prompt_length), np.int32),
                "tokens": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
                "response_mask": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
                "valid": np.zeros((batch_size,), np.int32), "scores": np.zeros((batch_size,), np.float32),
                "scores_after_clip": np.zeros((batch_size,), np.float32)}
+    if reuse_rollout:
+        example["rollout_logp"] = np.zeros((batch_size, sampling_config.max_new_tokens), np.float32)
+    if with_hidden:
+        example["rollout_hidden"] = np.zeros((batch_size, sampling_config.max_new_tokens,
+                                              spec.model_config.n_embd), np.float32)
     update = ppo_step.jit_update_step(ppo_step.make_update_step(spec, hyper, optimizer), mesh, state_shardings,
                                       ref_shardings, example)
 
@@ -141,7 +154,7 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
         return core.sequence_sum(core.kl_k1(logp, ref_logp, batch["response_mask"]), batch["response_mask"])
 
     seq_kl = jax.jit(sequence_kl, in_shardings=(trunk_sh, ref_shardings, None), out_shardings=b1)
-    return Stages(spec, hyper, mesh, generate, update, reward_fn, response_ids, seq_kl)
+    return Stages(spec, hyper, mesh, generate, update, reward_fn, response_ids, seq_kl, reuse_rollout)
 
 
 _response_stats = jax.jit(simple_rewards.response_stats, static_argnums=(3, 4))
@@ -210,6 +223,10 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
     t2 = time.perf_counter()
     rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"], "tokens": sample.tokens,
                "response_mask": mask, "valid": valid, "scores": raw_scores, "scores_after_clip": after_clip}
+    if stages.reuse_rollout:
+        rollout["rollout_logp"] = sample.logprobs
+        if sample.hidden is not None:
+            rollout["rollout_hidden"] = sample.hidden
     state, update_metrics = stages.update(state, ref_params, rollout)
     stats = _response_stats(sample.tokens, mask, batch["therapist_emotion"], stages.response_ids, 3)
     per_row = {"objective/scores": raw_scores, **{f"reward/{k}": v for k, v in components.items()},
@@ -347,7 +364,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     stages = build_stages(spec, hyper, sampling_config, optimizer, mesh, state_shardings, ref_shardings, reward_fn,
                           reward_protocol.ResponseIds.from_tokenizer(tok), config.global_batch_size,
-                          data_cfg.max_prompt_tokens)
+                          data_cfg.max_prompt_tokens, reuse_rollout=config.ppo.reuse_rollout_logprobs)
     eval_key = jax.random.fold_in(root_key, 3)
 
     def advice() -> str:
