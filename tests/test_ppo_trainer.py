@@ -372,6 +372,7 @@ def test_therapy_reward_adapter_caches_user_features_in_fixed_chunks():
     expected = [len(every[i]) + 100 * ("help" in every[i]) + int(np.asarray(mask)[r].sum()) for r, i in enumerate(rows)]
     np.testing.assert_allclose(total, expected)
     assert set(comps) == {"length"}
+    assert set(reward.last_timing) == {"user_features"} and reward.last_timing["user_features"] >= 0
     # only the chunks holding rows 9, 2 and 11 were embedded, each whole and once
     assert sorted(map(tuple, model.calls)) == sorted([tuple(every[0:4]), tuple(every[8:12])])
     reward(batch, tokens, mask)

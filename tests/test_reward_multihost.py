@@ -82,6 +82,9 @@ def test_therapy_reward_two_processes_match_one_process(tmp_path, data_dir):
                  "reward/safety", "reward/user_crisis", "objective/scores", "objective/kl", "loss/policy_avg"):
         assert name in train_keys, name
     assert "reward/after_clip" not in train_keys  # the update's channel, not a logged component
+    steps = ("user_features", "decode", "minilm_tokenize", "host_pieces", "device")  # the reward's own timing
+    assert all(0 <= ref_rows[-2][f"time/reward_{s}_s"] for s in steps)
+    assert sum(ref_rows[-2][f"time/reward_{s}_s"] for s in steps) <= ref_rows[-2]["time/reward_s"]
     for row, ref in zip(rows, ref_rows):
         assert row.keys() == ref.keys()
         for key, value in ref.items():

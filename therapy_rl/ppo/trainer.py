@@ -238,6 +238,8 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
     metrics.update({k: float(v) / max(float(count), 1.0) for k, v in sums.items()})
     metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/update_s": t3 - t2,
                     "eps": float(count) / max(t3 - t0, 1e-9)})
+    for step_name, seconds in getattr(reward_fn, "last_timing", {}).items():  # the reward's own steps
+        metrics[f"time/reward_{step_name}_s"] = seconds
     return IterationResult(state, metrics, sample.tokens)
 
 

@@ -19,6 +19,7 @@ per batch shape.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -277,6 +278,7 @@ class RewardModel:
     params: RewardParams
     encoder: SentenceEncoder
     reply_max_length: int = 128
+    last_timing: dict = dataclasses.field(default_factory=dict)  # seconds per step of the last `score`
 
     @classmethod
     def create(cls, config: RewardConfig, policy_tokenizer=None, *, tables: Optional[C.PolicyTables] = None,
@@ -364,15 +366,24 @@ class RewardModel:
             if key in f and tuple(np.shape(f[key])) != shape:
                 raise ValueError(f"RewardModel.score: field {key!r} has shape {tuple(np.shape(f[key]))}, "
                                  f"expected {shape}")
+        t0 = time.perf_counter()
         texts = self.reply_texts(response_ids, response_mask, decode_fn)
+        t1 = time.perf_counter()
         minilm_ids, minilm_mask = self.encoder.tokenize(texts, self.reply_max_length)
+        t2 = time.perf_counter()
+        host = self.host_inputs(texts)
+        t3 = time.perf_counter()
         user_crisis = f.get("user_crisis", np.zeros((batch,), np.int32))
         valid = f.get("valid", np.ones((batch,), np.int32))
-        return reward_fn_jit(self.spec, self.params, jnp.asarray(response_ids, jnp.int32),
-                             jnp.asarray(response_mask, jnp.int32), minilm_ids, minilm_mask,
-                             jnp.asarray(f["user_embedding"], jnp.float32), jnp.asarray(user_crisis, jnp.int32),
-                             jnp.asarray(f["user_emotion"], jnp.int32), jnp.asarray(f["therapist_emotion"], jnp.int32),
-                             jnp.asarray(valid, jnp.int32), **self.host_inputs(texts))
+        out = reward_fn_jit(self.spec, self.params, jnp.asarray(response_ids, jnp.int32),
+                            jnp.asarray(response_mask, jnp.int32), minilm_ids, minilm_mask,
+                            jnp.asarray(f["user_embedding"], jnp.float32), jnp.asarray(user_crisis, jnp.int32),
+                            jnp.asarray(f["user_emotion"], jnp.int32), jnp.asarray(f["therapist_emotion"], jnp.int32),
+                            jnp.asarray(valid, jnp.int32), **host)
+        jax.block_until_ready(out)
+        self.last_timing = {"decode": t1 - t0, "minilm_tokenize": t2 - t1, "host_pieces": t3 - t2,
+                            "device": time.perf_counter() - t3}
+        return out
 
     def host_inputs(self, texts: Sequence[str]) -> dict:
         """The paper-code pieces computed on the reply text (rewards/paper_code.py), when the config asks."""

@@ -23,6 +23,7 @@ Kinds (`build_reward`):
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import jax
@@ -131,6 +132,7 @@ class TherapyReward:
     _embedding: Optional[np.ndarray] = None  # [num_texts, E] cache
     _crisis: Optional[np.ndarray] = None  # [num_texts]
     _known: Optional[np.ndarray] = None  # [num_texts] bool
+    last_timing: dict = dataclasses.field(default_factory=dict)  # seconds per host/device step of the last call
 
     def register_prompts(self, prompts: Mapping[str, np.ndarray], user_texts: Sequence[str]) -> dict[str, np.ndarray]:
         """The prompt arrays plus `user_text_id` [N] int32 (row i -> user_texts[i])."""
@@ -177,10 +179,13 @@ class TherapyReward:
         if "user_text_id" not in batch:
             raise KeyError("TherapyReward: the prompt batch has no `user_text_id`; call register_prompts first")
         rows = ProcessRows.of(batch["valid"])
+        start = time.perf_counter()
         embedding, crisis = self.user_features(rows.take(batch["user_text_id"]))
+        user_s = time.perf_counter() - start
         fields = {"user_embedding": embedding, "user_crisis": crisis, "user_emotion": rows.take(batch["user_emotion"]),
                   "therapist_emotion": rows.take(batch["therapist_emotion"]), "valid": rows.take(batch["valid"])}
         total, comps = self.model.score(fields, rows.take(tokens), rows.take(response_mask), self.decode_fn)
+        self.last_timing = {"user_features": user_s, **getattr(self.model, "last_timing", {})}
         return rows.to_global(total), {k: rows.to_global(v) for k, v in comps.items() if k != "total_raw"}
 
 
