@@ -44,7 +44,7 @@ def test_repro_pipeline_tiny(tmp_path):
     assert os.path.exists(tmp_path / "eval" / "sft_emotion_mesc" / "decoding.json")
     text = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## Pre-training", "## Table 5", "## Table 6", "## Paired bootstrap", "## Emotion accuracy",
-                    "## PPO curves", "## The same prompts", "## Wall-clock"):
+                    "## PPO curves", "## The same prompts", "## Wall-clock", "## Run sizes"):
         assert heading in text, heading
     assert "ours: ppo_ours" in text and "paper: RL" in text
     assert any(name.endswith("_curves.png") for name in os.listdir(tmp_path / "figures"))
@@ -53,3 +53,16 @@ def test_repro_pipeline_tiny(tmp_path):
     again = repro.run_all(rc, str(tmp_path))
     assert not any(again.values()), again  # every stage skipped
     print(f"[smoke] first run {first:.0f} s, rerun {time.time() - start:.0f} s")
+    # The committed form: figures in a named folder, the written discussion appended verbatim.
+    import sys
+    sys.path.insert(0, repro.REPO)
+    from tools import repro_results
+
+    discussion = tmp_path / "discussion.md"
+    discussion.write_text("## Discussion\n\nWritten by hand.\n")
+    out = tmp_path / "copy" / "RESULTS.md"
+    out.parent.mkdir()
+    repro_results.write_results(str(tmp_path), str(out), "results_figures", str(discussion))
+    text = out.read_text()
+    assert text.rstrip().endswith("Written by hand.") and "](results_figures/ppo_ours_curves.png)" in text
+    assert os.path.exists(tmp_path / "copy" / "results_figures" / "ppo_ours_curves.png")

@@ -1,12 +1,14 @@
 """RESULTS.md from the outputs of ``python -m therapy_rl.repro`` (called by it as its last step; rerun any time):
 
-    python tools/repro_results.py --workdir runs/repro [--out RESULTS.md]
+    python tools/repro_results.py --workdir runs/repro [--out RESULTS.md] [--figures_subdir figures]
+        [--discussion FILE.md]
 
 Sections: pre-training (size, tokens seen, validation perplexity), the paper's Tables 5 and 6 beside ours with 95%
 bootstrap intervals, Table 7 (the LLM judge: the paper's numbers; ours only when a judge was run), a paired bootstrap
 of each PPO run against the with-emotion SFT, emotion accuracy beside the majority baseline with macro-F1, PPO
-curves (PNG under figures/) and reward-hacking monitors, the same prompts answered by every model, and wall-clock
-time per stage. Every number comes from the stage outputs; a missing output is reported as missing.
+curves (PNG under <out folder>/<figures_subdir>/) and reward-hacking monitors, the same prompts answered by every
+model, wall-clock time per stage, the run's sizes, and a written discussion (`--discussion`, included verbatim).
+Every number comes from the stage outputs; a missing output is reported as missing.
 """
 from __future__ import annotations
 
@@ -105,12 +107,12 @@ def emotion_lines(reports: Mapping[str, dict]) -> list[str]:
     return lines
 
 
-def ppo_sections(workdir: str, runs: Sequence[str], out_dir: str) -> list[str]:
+def ppo_sections(workdir: str, runs: Sequence[str], out_dir: str, figures_subdir: str = "figures") -> list[str]:
     from therapy_rl import curves
     from therapy_rl.evaluation.report import read_metrics_jsonl
 
     lines = []
-    fig_dir = os.path.join(out_dir, "figures")
+    fig_dir = os.path.join(out_dir, figures_subdir)
     for name in runs:
         rows = read_metrics_jsonl(os.path.join(workdir, name, "metrics.jsonl")) if os.path.exists(
             os.path.join(workdir, name, "metrics.jsonl")) else []
@@ -121,7 +123,7 @@ def ppo_sections(workdir: str, runs: Sequence[str], out_dir: str) -> list[str]:
         png = curves.plot_training_curves(rows, os.path.join(fig_dir, f"{name}_curves.png"))
         lines += [f"#### {name}", ""]
         if png:
-            lines += [f"![{name}](figures/{os.path.basename(png)})", ""]
+            lines += [f"![{name}]({figures_subdir}/{os.path.basename(png)})", ""]
         series = {}
         for row in rows:
             for k, v in row.items():
@@ -168,7 +170,23 @@ def wall_clock(workdir: str) -> list[str]:
     return lines
 
 
-def render(workdir: str, out_dir: str) -> str:
+def run_sizes(config: Mapping[str, Any]) -> list[str]:
+    """The sizes of this run (repro_config.json), stage by stage."""
+    lines = ["| stage | setting | value |", "|---|---|---|"]
+    keys = {"pretrain": ("n_layer", "n_embd", "n_head", "bpe_vocab_size", "block_tokens", "batch_size", "max_steps"),
+            "sft": ("num_epochs", "max_steps", "global_batch_size", "learning_rate", "eval_every_steps",
+                    "early_stopping_patience_evals"),
+            "ppo": ("configs", "num_epochs", "max_iterations", "global_batch_size", "minibatch_size",
+                    "max_new_tokens", "eval_every_iterations", "num_eval_prompts"),
+            "eval": ("search_limit", "top_p", "top_k", "temperature", "max_new_tokens", "max_esconv_samples",
+                     "bootstrap_resamples")}
+    for stage, names in keys.items():
+        section = config.get(stage) or {}
+        lines += [f"| {stage} | {n} | {section[n]} |" for n in names if n in section]
+    return lines
+
+
+def render(workdir: str, out_dir: str, figures_subdir: str = "figures", discussion: Optional[str] = None) -> str:
     from therapy_rl.evaluation.report import PAPER_JUDGE_OVERALL, PAPER_TABLE5_MESC, PAPER_TABLE6_ESCONV
 
     config = _read_json(os.path.join(workdir, "repro_config.json")) or {}
@@ -207,16 +225,21 @@ def render(workdir: str, out_dir: str) -> str:
     L += ["", "## Emotion accuracy, macro-F1 and the majority baseline (MESC test)", ""]
     L += emotion_lines(mesc)
     L += ["", "## PPO curves and reward-hacking monitors", ""]
-    L += ppo_sections(workdir, [m for m in models if m.startswith("ppo")], out_dir)
+    L += ppo_sections(workdir, [m for m in models if m.startswith("ppo")], out_dir, figures_subdir)
     L += ["## The same prompts answered by every model (MESC test)", ""]
     L += same_prompts(mesc)
     L += ["## Wall-clock time per stage", ""]
     L += wall_clock(workdir)
+    L += ["", "## Run sizes (repro_config.json)", ""]
+    L += run_sizes(config)
+    if discussion:
+        with open(discussion, encoding="utf-8") as f:
+            L += ["", f.read().rstrip()]
     return "\n".join(L) + "\n"
 
 
-def write_results(workdir: str, out: str) -> str:
-    text = render(workdir, os.path.dirname(os.path.abspath(out)))
+def write_results(workdir: str, out: str, figures_subdir: str = "figures", discussion: Optional[str] = None) -> str:
+    text = render(workdir, os.path.dirname(os.path.abspath(out)), figures_subdir, discussion)
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     return out
@@ -227,8 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/repro_results.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default=None, help="default: <workdir>/RESULTS.md")
+    p.add_argument("--figures_subdir", default="figures", help="PNG folder, relative to the output's folder")
+    p.add_argument("--discussion", default=None, help="a markdown file appended verbatim (the written discussion)")
     a = p.parse_args(argv)
-    print(write_results(a.workdir, a.out or os.path.join(a.workdir, "RESULTS.md")))
+    print(write_results(a.workdir, a.out or os.path.join(a.workdir, "RESULTS.md"), a.figures_subdir, a.discussion))
     return 0
 
 
