@@ -50,8 +50,17 @@ from tools import reward_datasets as D  # noqa: E402
 REPO = os.path.dirname(TOOLS_DIR)
 USER_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_user.json")
 REPLY_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_reply.json")
-PLAIN_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_v2.json")
-SPENT_SET = os.path.join(REPO, "evalsets", "guard_v1")  # scored in round 1; development data since
+# Plain-sentence example files (tag -> path): round 2's, and round 3's two writers with different voices.
+PLAIN_EXAMPLES = {"v2": os.path.join(TOOLS_DIR, "guard_examples_v2.json"),
+                  "v3a": os.path.join(TOOLS_DIR, "guard_examples_v3a.json"),
+                  "v3b": os.path.join(TOOLS_DIR, "guard_examples_v3b.json")}
+# Sources written for the guard (message source prefixes); everything else comes from datasets.
+WRITTEN_PREFIXES = ("v2_", "v3a_", "v3b_", "v1_", "s2_", "r1_", "previous_")
+PLAIN_TAGS = ("v2", "v3a", "v3b")
+# Categories of the written sets that the guard's heads know under another name.
+CATEGORY_ALIASES = {"minimises_crisis": "encourages_self_harm", "suicidal_ideation_goodbye": "suicidal_ideation"}
+# Held-out sets already scored (tag -> folder): spent, so training and development data since.
+SPENT_SETS = {"v1": os.path.join(REPO, "evalsets", "guard_v1"), "s2": os.path.join(REPO, "evalsets", "guard_v2")}
 METRICS_FILE = os.path.join(REPO, "therapy_rl", "rewards", "weights", "guard_metrics.json")
 K_FOLDS = 5  # round-1 pattern folds; fold0 is development data
 CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die|self.?harm|overdos|"
@@ -468,49 +477,63 @@ def _variants(text: str, rng: np.random.Generator, count: int = 2) -> list[str]:
     return [out[0]] + [out[int(i)] for i in rng.permutation(len(out) - 1)[:count - 1] + 1] if len(out) > 1 else out
 
 
-def plain_messages(seed: int) -> list[Message]:
-    """tools/guard_examples_v2.json: plain sentences; 20% of each list (stable hash) is development data."""
-    rng = np.random.default_rng(seed + 21)
-    with open(PLAIN_EXAMPLES, encoding="utf-8") as f:
+def plain_messages(seed: int, files: dict = PLAIN_EXAMPLES) -> list[Message]:
+    """Every PLAIN_EXAMPLES file (plain sentences); 20% of each list (stable hash) is development data."""
+    out = []
+    for index, (tag, path) in enumerate(files.items()):
+        out += _plain_file_messages(path, tag, np.random.default_rng(seed + 21 + index), seed)
+    return out
+
+
+def _plain_file_messages(path: str, tag: str, rng, seed: int) -> list[Message]:
+    with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     out = []
 
     def split(text):
-        return _stable_split("v2|" + text, seed, 0.2)
+        return _stable_split(f"{tag}|" + text, seed, 0.2)
 
     for cat, texts in spec["user_crisis"].items():
         cat = "suicidal_ideation" if cat == "suicidal_ideation_goodbye" else cat
         for t in texts:
-            out += [Message(v, 1, "user", f"v2_crisis:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
+            out += [Message(v, 1, "user", f"{tag}_crisis:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
     for topic, texts in spec["user_negative"].items():
         for t in texts:
-            out += [Message(v, 0, "user", f"v2_negative:{topic}", split(t)) for v in _variants(t, rng)]
+            out += [Message(v, 0, "user", f"{tag}_negative:{topic}", split(t)) for v in _variants(t, rng)]
     for item in spec["user_multi_turn"]:
         s = split(item["text"] + "|" + "|".join(item["history"]))
-        out.append(Message(item["text"], int(item["crisis"]), "user", "v2_multi_turn", s,
+        out.append(Message(item["text"], int(item["crisis"]), "user", f"{tag}_multi_turn", s,
                            tuple(item.get("categories", ())), tuple(item["history"])))
     for cat, texts in spec["reply_harmful"].items():
         for t in texts:
-            out += [Message(v, 1, "reply", f"v2_harmful:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
+            out += [Message(v, 1, "reply", f"{tag}_harmful:{cat}", split(t), (cat,)) for v in _variants(t, rng)]
     for topic, texts in spec["reply_supportive"].items():
         for t in texts:
-            out += [Message(v, 0, "reply", f"v2_supportive:{topic}", split(t)) for v in _variants(t, rng)]
+            out += [Message(v, 0, "reply", f"{tag}_supportive:{topic}", split(t)) for v in _variants(t, rng)]
     for item in spec["reply_pairs"]:
-        out.append(Message(item["reply"], int(item["harmful"]), "reply", "v2_pair", split(item["user"] + item["reply"]),
+        out.append(Message(item["reply"], int(item["harmful"]), "reply", f"{tag}_pair", split(item["user"] + item["reply"]),
                            tuple(item.get("categories", ())), (item["user"],)))
     return out
 
 
-def spent_set_messages(seed: int, folder: str = SPENT_SET) -> list[Message]:
-    """evalsets/guard_v1 (spent): half of the rows (stable hash of the id) train, half are development data."""
+def spent_set_messages(seed: int, sets: dict = SPENT_SETS) -> list[Message]:
+    """The spent held-out sets: half of the rows (stable hash of the id) train, half are development data."""
+    out = []
+    for tag, folder in sets.items():
+        out += _spent_folder_messages(seed, tag, folder)
+    return out
+
+
+def _spent_folder_messages(seed: int, tag: str, folder: str) -> list[Message]:
     out = []
     for name, label in (("crisis", 1), ("hard_negatives", 0), ("harmful_replies", 1), ("supportive_replies", 0)):
         for row in read_jsonl(os.path.join(folder, f"{name}.jsonl")):
             history = tuple(t for r, t in row["history"] if (r == "user"))
-            split = _stable_split("v1|" + row["id"], seed, 0.5)
+            split = _stable_split(f"{tag}|" + row["id"], seed, 0.5)
             kind = row.get("kind", "reply")
-            out.append(Message(row["text"], label, row["role"], f"v1_{name}:{kind}", split,
-                               tuple(row.get("categories", ())) if label else (), history))
+            out.append(Message(row["text"], label, row["role"], f"{tag}_{name}:{kind}", split,
+                               tuple(CATEGORY_ALIASES.get(c, c) for c in row.get("categories", ())) if label else (),
+                               history))
     return out
 
 
@@ -552,7 +575,7 @@ def _weight_of(m: Message, label: int) -> float:
     s = m.source
     if s.startswith("r1_written_issue11"):
         return ISSUE_WEIGHT
-    if s.startswith(("v2_", "v1_", "r1_", "previous_")):
+    if s.startswith(WRITTEN_PREFIXES):
         return 1.5 if (not label and m.role == "user") else 1.0
     if s.startswith(("sdcnl_suicidewatch", "cssrs_")):
         return 0.3 if label else 0.3
@@ -601,9 +624,9 @@ def message_rows(m: Message, tokens: Tokens, special, rng, max_negative_windows:
     if m.label and len(windows) > 1:
         # a long positive: where the crisis is known (round-1 long sets: the end), that window; dataset posts: the
         # first window (noisy); otherwise every window (the positive span is short or unknown)
-        if m.source.startswith("v1_") and m.source.endswith(":long"):
+        if m.source.startswith(("v1_", "s2_")) and m.source.endswith(":long"):
             windows = [windows[-1]]
-        elif not m.source.startswith(("v2_", "v1_", "r1_", "previous_")):
+        elif not m.source.startswith(WRITTEN_PREFIXES):
             windows = windows[:1]
     elif not m.label and len(windows) > max_negative_windows:
         windows = [windows[0]] + _sample(windows[1:], max_negative_windows - 1, rng)
@@ -650,21 +673,23 @@ def build_rows(messages: list[Message], tokens: Tokens, special, seed: int) -> l
                and len(m.text.split()) >= 4]
     therapist = [m.text for m in messages if m.source in ("esconv_supporter", "annomi_therapist")]
     for split in ("train", "dev"):
-        for role, pool, prefixes in (("user", fillers, ("v2_crisis", "v2_negative", "r1_written_crisis",
-                                                         "r1_written_negative", "v1_crisis:short",
-                                                         "v1_hard_negatives:short")),
-                                     ("reply", therapist, ("v2_harmful", "v2_supportive", "r1_written_harmful",
-                                                           "r1_written_supportive"))):
+        user_prefixes = tuple(f"{t}_{k}" for t in PLAIN_TAGS for k in ("crisis", "negative")) + (
+            "r1_written_crisis", "r1_written_negative", "v1_crisis:short", "v1_hard_negatives:short",
+            "s2_crisis:short", "s2_hard_negatives:short")
+        reply_prefixes = tuple(f"{t}_{k}" for t in PLAIN_TAGS for k in ("harmful", "supportive")) + (
+            "r1_written_harmful", "r1_written_supportive")
+        for role, pool, prefixes in (("user", fillers, user_prefixes), ("reply", therapist, reply_prefixes)):
             chosen = [m for m in messages if m.split == split and m.role == role and m.source.startswith(prefixes)
                       and not m.history]
             chosen = _sample(chosen, int(len(chosen) * 0.35), rng)
             rows += [r for r in composite_rows(chosen, [f for f in pool if f], tokens, special, rng, "composite")
                      if r.split == split]
     # written replies also appear after a random written user message (the label does not change)
-    users = [m.text for m in messages if m.role == "user" and m.source.startswith(("v2_", "r1_written"))]
+    users = [m.text for m in messages if m.role == "user"
+             and m.source.startswith(tuple(f"{t}_" for t in PLAIN_TAGS) + ("r1_written",))]
     extra = []
     for m in messages:
-        if m.role == "reply" and not m.history and m.source.startswith(("v2_", "r1_written", "v1_")) \
+        if m.role == "reply" and not m.history and m.source.startswith(WRITTEN_PREFIXES[:5] + ("r1_written",)) \
                 and rng.random() < 0.5:
             ctx = dataclasses.replace(m, history=(users[int(rng.integers(len(users)))],))
             extra += message_rows(ctx, tokens, special, rng)
@@ -914,7 +939,7 @@ def recall_at_false_alarms(pos: np.ndarray, neg: np.ndarray, max_fa: float) -> t
 def dev_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
     """Development messages by group: hand-written (v2, round-1 fold0, spent v1 half, previous sets) and dataset."""
     dev = [m for m in messages if m.split == "dev"]
-    written = ("v2_", "r1_", "v1_", "previous_")
+    written = WRITTEN_PREFIXES
     return {
         "user_pos": [m for m in dev if m.role == "user" and m.label and m.source.startswith(written)],
         "user_neg": [m for m in dev if m.role == "user" and not m.label and m.source.startswith(written)],
@@ -1195,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [r for r in build_rows(messages, tokens, special, args.seed) if r.split == "train"]
     # CPU budget: long windows (length bucket 98) from dataset text are subsampled; written and composite ones stay
     rng = np.random.default_rng(args.seed + 17)
-    written = ("v2_", "v1_", "r1_", "previous_", "composite")
+    written = WRITTEN_PREFIXES + ("composite",)
     long_data = [i for i, r in enumerate(rows) if _bucket(len(r.ids)) == 98 and not r.source.startswith(written)]
     drop = set(_sample(long_data, max(len(long_data) - MAX_LONG_DATASET_WINDOWS, 0), rng))
     rows = [r for i, r in enumerate(rows) if i not in drop]
