@@ -252,6 +252,33 @@ def test_logprobs_match_teacher_forced_forward(params):
     assert np.all(np.asarray(out.logprobs)[~resp] == 0)
 
 
+@pytest.mark.parametrize("block", [3, 4, 7])
+def test_block_cache_decode_equals_teacher_forcing(params, block):
+    """Generated tokens in cache blocks (each step reads only the blocks filled so far, several segments):
+    the same greedy tokens as full forwards with no cache, and raw log-probs equal to a teacher-forced pass."""
+    ids, mask = _prompts()
+    steps = 17
+    sampling = SamplingConfig(max_new_tokens=steps, greedy=True)
+    out = jax.jit(lambda p, i, m, k: generate(p, CONFIG, i, m, k, sampling, decode_block=block))(
+        params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(np.asarray(out.tokens), _reference_greedy(params, ids, mask, steps))
+    seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    logits = GPT2LMHeadModel(CONFIG).apply({"params": params}, jnp.asarray(seq),
+                                           jnp.asarray(np.concatenate([mask, np.ones_like(seq[:, 7:])], 1))).logits
+    logits = np.asarray(logits[:, ids.shape[1] - 1:-1], np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = np.take_along_axis(logits, np.asarray(out.tokens)[..., None], -1)[..., 0] - lse
+    np.testing.assert_allclose(np.asarray(out.logprobs), want, atol=2e-4)
+
+
+def test_decode_block_size_bounds_the_segments():
+    from therapy_rl.sampling import MAX_DECODE_SEGMENTS, MIN_DECODE_BLOCK, decode_block_size
+
+    for n in (1, 31, 32, 64, 128, 256, 1000):
+        size = decode_block_size(n)
+        assert size >= MIN_DECODE_BLOCK and -(-n // size) <= MAX_DECODE_SEGMENTS
+
+
 def test_decoding_grid_shares_one_compiled_sampler(params):
     """Temperature, top_p and top_k (within a candidate bucket) are traced: one program, the same tokens as
     sampling with the values baked in as constants."""

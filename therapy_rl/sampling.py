@@ -324,7 +324,7 @@ def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.
     return sample_loop_with_state(first_logits, step_fn, model_state, rng, sampling, active, knobs)[0]
 
 
-def sample_loop_with_state(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
+def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: jax.Array,
                            sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
                            knobs: Optional[SamplingKnobs] = None) -> Tuple[SampleOutput, object]:
     """Decode `sampling.max_new_tokens` tokens; the model is reached only through `step_fn`.
@@ -333,7 +333,8 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn: StepFn, model_state
     samples, marks rows finished on EOS (finished rows then emit pad_id), and stops early once every row
     is finished. `active` [B] bool (default all) marks rows to decode; inactive rows are finished from
     the start and return only padding. `sampling` is a SamplingConfig, or a SamplingPlan with `knobs`.
-    Returns (the output, `step_fn`'s final state).
+    `step_fn` may also be a sequence of (end step, StepFn): one while loop each, in order, the i-th running the
+    steps before its end (a decode whose static shapes grow by segment). Returns (the output, the final state).
     """
     sampling, knobs = _plan_and_knobs(sampling, knobs)
     batch = first_logits.shape[0]
@@ -370,15 +371,17 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn: StepFn, model_state
     )
     state = emit(state, first_logits, key0)
 
-    def cond(s: _LoopState):
-        return (s.step < n_new) & ~jnp.all(s.finished)
+    segments = [(n_new, step_fn)] if callable(step_fn) else list(step_fn)
+    for end, segment_fn in segments:
+        def cond(s: _LoopState, end=end):
+            return (s.step < end) & ~jnp.all(s.finished)
 
-    def body(s: _LoopState):
-        rng, key = jax.random.split(s.rng)
-        logits, model_state = step_fn(s.last_tokens, s.step, s.model_state)
-        return emit(s._replace(rng=rng, model_state=model_state), logits, key)
+        def body(s: _LoopState, segment_fn=segment_fn):
+            rng, key = jax.random.split(s.rng)
+            logits, model_state = segment_fn(s.last_tokens, s.step, s.model_state)
+            return emit(s._replace(rng=rng, model_state=model_state), logits, key)
 
-    state = lax.while_loop(cond, body, state)
+        state = lax.while_loop(cond, body, state)
     return _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0), state.model_state
 
 
@@ -396,12 +399,15 @@ def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOu
 
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
-             knobs: Optional[SamplingKnobs] = None, with_hidden: bool = False) -> SampleOutput:
+             knobs: Optional[SamplingKnobs] = None, with_hidden: bool = False,
+             decode_block: Optional[int] = None) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
-    A cache of P + N slots (a rolling one of `sliding_window` slots when shorter) is prefilled with the prompt,
-    then one token per while-loop step. Positions continue from each row's real prompt length. `active` [B] (e.g. the prompt batch's `valid`) marks
-    rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
+    The prompt is prefilled into a cache block of P slots; generated tokens go into blocks of `decode_block`
+    (default `decode_block_size(N)`) slots, and the steps that write block j attend to the prompt and blocks 0..j only (each in place), so a step
+    reads the filled part of the cache. (Mistral with a sliding window shorter than P + N keeps one rolling
+    cache of `sliding_window` slots.) Positions continue from each row's real prompt length. `active` [B] (e.g.
+    the prompt batch's `valid`) marks rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
     running. Rows whose prompt is all padding but are active decode from position 0. `sampling` is a
     SamplingConfig, or a SamplingPlan with (traced) `knobs`. `with_hidden` also returns the final hidden state
     behind each token's logits (PPO's value head reads them instead of running the trunk again).
@@ -416,32 +422,81 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
     from therapy_rl.models import families
 
     model = families.module(config)
+    n_new = sampling.max_new_tokens
     # Key mask over all cache slots: the prompt's, then every generated slot is real.
-    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32),
-                                jnp.ones((batch, sampling.max_new_tokens), jnp.int32)], axis=1)
-    cache = families.init_cache(config, batch, total)
-    prefill = model.apply({"params": params}, prompt_ids, key_mask, cache=cache, compute_logits=False)
-    first_logits = families.lm_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
+    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, n_new), jnp.int32)], axis=1)
     prompt_lengths = prompt_mask.astype(jnp.int32).sum(-1)
+    window = getattr(config, "sliding_window", 0)
+    if window and total > window:  # one rolling cache (models/mistral.py)
+        blocks, cache = None, families.init_cache(config, batch, total)
+        prefill = model.apply({"params": params}, prompt_ids, key_mask, cache=cache, compute_logits=False)
+        cache = prefill.cache
+    else:  # blocks: the prompt's, then the generated tokens'
+        size = decode_block or decode_block_size(n_new)
+        sizes = [min(size, n_new - start) for start in range(0, n_new, size)]
+        blocks = [families.init_cache(config, batch, n) for n in sizes]
+        prompt = families.init_cache(config, batch, prompt_len)
+        prompt = KVCache(keys=tuple((k,) for k in prompt.keys), values=tuple((v,) for v in prompt.values),
+                         index=prompt.index)
+        prefill = model.apply({"params": params}, prompt_ids, key_mask[:, :prompt_len], cache=prompt,
+                              compute_logits=False)
+        cache = KVCache(keys=tuple(k + tuple(b.keys[i] for b in blocks) for i, k in enumerate(prefill.cache.keys)),
+                        values=tuple(v + tuple(b.values[i] for b in blocks)
+                                     for i, v in enumerate(prefill.cache.values)),
+                        index=prefill.cache.index)
+    first_logits = families.lm_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
 
-    def step_fn(last_tokens, step, model_state):
-        cache, hidden = model_state
-        # The token produced at step n-1 sits at position prompt_length + n - 1.
-        positions = (prompt_lengths + step - 1)[:, None]
-        out = model.apply({"params": params}, last_tokens[:, None], key_mask, position_ids=positions,
-                          cache=cache, compute_logits=False)
-        if hidden is not None:
-            hidden = lax.dynamic_update_slice(hidden, out.hidden_states.astype(hidden.dtype), (0, step, 0))
-        return families.lm_logits(params, out.hidden_states[:, 0], config), (out.cache, hidden)
+    def decode_step(visible_blocks):
+        """The step function of the steps that write block visible_blocks - 2 (None: the rolling cache)."""
+        slots = None if visible_blocks is None else prompt_len + sum(sizes[:visible_blocks - 1])
 
+        def step_fn(last_tokens, step, model_state):
+            cache, hidden = model_state
+            # The token produced at step n-1 sits at position prompt_length + n - 1.
+            positions = (prompt_lengths + step - 1)[:, None]
+            if slots is None:
+                view, mask = cache, key_mask
+            else:
+                view = KVCache(keys=tuple(k[:visible_blocks] for k in cache.keys),
+                               values=tuple(v[:visible_blocks] for v in cache.values), index=cache.index)
+                mask = key_mask[:, :slots]
+            out = model.apply({"params": params}, last_tokens[:, None], mask, position_ids=positions, cache=view,
+                              compute_logits=False)
+            if slots is not None:  # the written block back into the full cache
+                out_cache = KVCache(keys=tuple(n + k[visible_blocks:] for n, k in zip(out.cache.keys, cache.keys)),
+                                    values=tuple(n + v[visible_blocks:] for n, v in zip(out.cache.values,
+                                                                                         cache.values)),
+                                    index=out.cache.index)
+            else:
+                out_cache = out.cache
+            if hidden is not None:
+                hidden = lax.dynamic_update_slice(hidden, out.hidden_states.astype(hidden.dtype), (0, step, 0))
+            return families.lm_logits(params, out.hidden_states[:, 0], config), (out_cache, hidden)
+
+        return step_fn
+
+    if blocks is None:
+        step_fns = [(n_new, decode_step(None))]
+    else:  # step n feeds token n - 1 into slot P + n - 1: block (n - 1) // size
+        step_fns = [(min(start + size + 1, n_new), decode_step(j + 2))
+                    for j, start in enumerate(range(0, n_new, size))]
     hidden = None
     if with_hidden:
         last = prefill.hidden_states[:, -1:]
-        hidden = jnp.zeros((batch, sampling.max_new_tokens, last.shape[-1]), last.dtype)
+        hidden = jnp.zeros((batch, n_new, last.shape[-1]), last.dtype)
         hidden = lax.dynamic_update_slice(hidden, last, (0, 0, 0))
-    output, (_, hidden) = sample_loop_with_state(first_logits, step_fn, (prefill.cache, hidden), rng, sampling,
+    output, (_, hidden) = sample_loop_with_state(first_logits, step_fns, (cache, hidden), rng, sampling,
                                                  active=active, knobs=knobs)
     return output if hidden is None else output._replace(hidden=hidden)
+
+
+# At most this many decode segments (each traces the model once more); blocks of at least 32 new tokens.
+MAX_DECODE_SEGMENTS, MIN_DECODE_BLOCK = 8, 32
+
+
+def decode_block_size(max_new_tokens: int) -> int:
+    """Generated-token slots per cache block: steps attend to the blocks filled so far."""
+    return max(MIN_DECODE_BLOCK, -(-max_new_tokens // MAX_DECODE_SEGMENTS))
 
 
 def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, with_hidden: bool = False,

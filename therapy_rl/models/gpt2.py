@@ -176,6 +176,9 @@ class GPT2Config:
 class KVCache:
     """Explicit KV cache. keys[i], values[i]: [B, H, S, Dh] for layer i; index: int32 scalar, the next slot.
 
+    keys[i] may also be a tuple of blocks [B, H, S_j, Dh] holding consecutive slots: attention then reads each
+    block in place (no concatenated copy) and writes land in the last block. The sampler passes only the blocks
+    generated so far, so a decode step reads the filled part of the cache, not all of it.
     Head-major layout: measured on CPU, decode attention over a [B, S, H, Dh] cache was ~10x slower.
     """
 
@@ -185,7 +188,40 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.keys[0].shape[2]
+        first = self.keys[0]
+        return sum(b.shape[2] for b in first) if isinstance(first, tuple) else first.shape[2]
+
+
+def write_layer_cache(layer_cache, k, v, cache_index):
+    """Writes k, v [B, H, T, Dh] at slot `cache_index` of one layer's cache (an array, or a tuple of blocks whose
+    last block takes the write). Returns (key blocks, value blocks, new layer cache) in the cache's dtype."""
+    cache_k, cache_v = layer_cache
+    if not isinstance(cache_k, tuple):
+        k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))
+        v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
+        return (k,), (v,), (k, v)
+    start = sum(b.shape[2] for b in cache_k[:-1])  # the first slot of the last block
+    last_k = lax.dynamic_update_slice(cache_k[-1], k.astype(cache_k[-1].dtype), (0, 0, cache_index - start, 0))
+    last_v = lax.dynamic_update_slice(cache_v[-1], v.astype(cache_v[-1].dtype), (0, 0, cache_index - start, 0))
+    keys, values = cache_k[:-1] + (last_k,), cache_v[:-1] + (last_v,)
+    return keys, values, (keys, values)
+
+
+def blockwise_scores(spec: str, q, key_blocks) -> jax.Array:
+    """float32 attention scores over the key blocks' slots, in order (one einsum per block, then concatenated)."""
+    parts = [jnp.einsum(spec, q, kb, preferred_element_type=jnp.float32) for kb in key_blocks]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def blockwise_values(spec: str, probs, value_blocks) -> jax.Array:
+    """sum_j probs[..., slots of block j] . value block j (one einsum over all slots when there is one block)."""
+    if len(value_blocks) == 1:
+        return jnp.einsum(spec, probs, value_blocks[0])
+    out, start = None, 0
+    for vb in value_blocks:
+        part = jnp.einsum(spec, lax.slice_in_dim(probs, start, start + vb.shape[2], axis=probs.ndim - 1), vb)
+        out, start = part if out is None else out + part, start + vb.shape[2]
+    return out
 
 
 def init_cache(config: GPT2Config, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -259,19 +295,17 @@ class GPT2Attention(nn.Module):
         # than with heads after the sequence axis (measured, GPT-2 small decode).
         q, k, v = heads(q), heads(k), heads(v)  # [B, H, T, Dh]
 
-        new_layer_cache = None
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))  # [B, H, S, Dh]
-            v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
-            new_layer_cache = (k, v)
-            k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
+        new_layer_cache, key_blocks, value_blocks = None, (k,), (v,)
+        if layer_cache is not None:  # [B, H, S, Dh] (or blocks of it) with this call's keys written in
+            key_blocks, value_blocks, new_layer_cache = write_layer_cache(layer_cache, k, v, cache_index)
+            key_blocks = tuple(b.astype(cfg.compute_dtype) for b in key_blocks)
+            value_blocks = tuple(b.astype(cfg.compute_dtype) for b in value_blocks)
 
         q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), q.dtype)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)  # [B, H, T, S]
+        scores = blockwise_scores("bhtd,bhsd->bhts", q, key_blocks)  # [B, H, T, S]
         probs = jax.nn.softmax(scores + bias, axis=-1)
         probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic).astype(cfg.compute_dtype)
-        out = jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(batch, length, cfg.n_embd)  # [B, T, D]
+        out = blockwise_values("bhts,bhsd->bthd", probs, value_blocks).reshape(batch, length, cfg.n_embd)
         out = _dense(cfg.n_embd, cfg, "c_proj", _residual_std(cfg))(out)
         return out, new_layer_cache
 

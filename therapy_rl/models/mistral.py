@@ -246,25 +246,23 @@ class Attention(nn.Module):
         q, k, v = split(q, heads), split(k, kv_heads), split(v, kv_heads)  # [B, H|K, T, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        new_layer_cache = None
+        new_layer_cache, key_blocks, value_blocks = None, (k,), (v,)
         if layer_cache is not None and rolling:  # attend to the buffer, then the keys fed now; then write them
             cache_k, cache_v = layer_cache
             new_layer_cache = (write_rolling(cache_k, k, cache_index), write_rolling(cache_v, v, cache_index))
-            k = jnp.concatenate([cache_k.astype(cfg.compute_dtype), k], axis=2)
-            v = jnp.concatenate([cache_v.astype(cfg.compute_dtype), v], axis=2)
-        elif layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, cache_index, 0))  # [B, K, S, Dh]
-            v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, cache_index, 0))
-            new_layer_cache = (k, v)
-            k, v = k.astype(cfg.compute_dtype), v.astype(cfg.compute_dtype)
+            key_blocks = (cache_k.astype(cfg.compute_dtype), k)
+            value_blocks = (cache_v.astype(cfg.compute_dtype), v)
+        elif layer_cache is not None:  # [B, K, S, Dh] (or blocks of it) with this call's keys written in
+            key_blocks, value_blocks, new_layer_cache = gpt2.write_layer_cache(layer_cache, k, v, cache_index)
+            key_blocks = tuple(b.astype(cfg.compute_dtype) for b in key_blocks)
+            value_blocks = tuple(b.astype(cfg.compute_dtype) for b in value_blocks)
 
         group = heads // kv_heads
         q = q.reshape(batch, kv_heads, group, length, dh) * jnp.asarray(1.0 / math.sqrt(dh), q.dtype)
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+        scores = gpt2.blockwise_scores("bkgtd,bksd->bkgts", q, key_blocks)  # [B, K, G, T, S]
         probs = jax.nn.softmax(scores + bias[:, :, None], axis=-1)
         probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=deterministic).astype(cfg.compute_dtype)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(batch, length, heads * dh)
+        out = gpt2.blockwise_values("bkgts,bksd->btkgd", probs, value_blocks).reshape(batch, length, heads * dh)
         return _linear(cfg, cfg.hidden_size, "o_proj", cfg.o_bias)(out, deterministic), new_layer_cache
 
 
