@@ -133,3 +133,31 @@ def sigkill_after_checkpoint(command, workdir, min_step, timeout_s=300, **popen_
     process.wait()
     assert process.returncode == -signal.SIGKILL
     return checkpoint_steps(workdir)[-1]
+
+
+def assert_matches_frozen_hashes(folder, files):
+    """A frozen evalsets/ folder: SHA256SUMS lists PROTOCOL.md and `files` (.jsonl), and each still has its hash."""
+    import hashlib
+
+    with open(os.path.join(folder, "SHA256SUMS"), encoding="utf-8") as f:
+        entries = [line.split() for line in f if line.strip()]
+    assert sorted(name for _, name in entries) == sorted(["PROTOCOL.md", *(f"{n}.jsonl" for n in files)])
+    for digest, name in entries:
+        with open(os.path.join(folder, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, f"{name} changed after it was frozen"
+
+
+def training_files_copying(held_texts, min_chars=25):
+    """{tools/guard_examples_*.json path: held-out texts (lower-cased, whitespace-collapsed, longer than
+    `min_chars`) found in it}, for the files that copy any."""
+    import glob
+
+    held = [h for h in held_texts if len(h) > min_chars]
+    found = {}
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "tools", "guard_examples_*.json"))):
+        with open(path, encoding="utf-8") as f:
+            text = " ".join(f.read().lower().split())
+        copied = [h for h in held if h in text]
+        if copied:
+            found[path] = copied
+    return found

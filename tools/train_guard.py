@@ -55,7 +55,8 @@ PLAIN_EXAMPLES = {"v2": os.path.join(TOOLS_DIR, "guard_examples_v2.json"),
                   "v3a": os.path.join(TOOLS_DIR, "guard_examples_v3a.json"),
                   "v3b": os.path.join(TOOLS_DIR, "guard_examples_v3b.json")}
 # Sources written for the guard (message source prefixes); everything else comes from datasets.
-WRITTEN_PREFIXES = ("v2_", "v3a_", "v3b_", "v1_", "s2_", "r1_", "previous_")
+SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v1_", "s2_")  # plain example files and spent held-out sets
+WRITTEN_PREFIXES = SET_AND_PLAIN_PREFIXES + ("r1_", "previous_")
 PLAIN_TAGS = ("v2", "v3a", "v3b")
 # Categories of the written sets that the guard's heads know under another name.
 CATEGORY_ALIASES = {"minimises_crisis": "encourages_self_harm", "suicidal_ideation_goodbye": "suicidal_ideation"}
@@ -689,7 +690,7 @@ def build_rows(messages: list[Message], tokens: Tokens, special, seed: int) -> l
              and m.source.startswith(tuple(f"{t}_" for t in PLAIN_TAGS) + ("r1_written",))]
     extra = []
     for m in messages:
-        if m.role == "reply" and not m.history and m.source.startswith(WRITTEN_PREFIXES[:5] + ("r1_written",)) \
+        if m.role == "reply" and not m.history and m.source.startswith(SET_AND_PLAIN_PREFIXES + ("r1_written",)) \
                 and rng.random() < 0.5:
             ctx = dataclasses.replace(m, history=(users[int(rng.integers(len(users)))],))
             extra += message_rows(ctx, tokens, special, rng)
