@@ -60,17 +60,19 @@ def build_checkpoint(preset: str, out_dir: str, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------------- ours
 
 
-def bench_jax(model_dir: str, iterations: int, separate_critic: bool) -> dict:
+def make_jax_iteration(model_dir: str, separate_critic: bool, dtype: str = "float32"):
+    """(iterate, info): `iterate()` runs one blocking PPO iteration of ours on the next prompts and returns the row
+    the bench records; info has the trunk's parameter count and the tokens per iteration."""
     import jax
 
     from therapy_rl import optim, parallel, sampling
-    from therapy_rl.models import hf_io
+    from therapy_rl.models import gpt2, hf_io
     from therapy_rl.ppo import core, policy, step as ppo_step, trainer
     from therapy_rl.rewards import protocol as reward_protocol
     from therapy_rl.rewards import simple as simple_rewards
 
     model_config, params = hf_io.load_hf_gpt2(model_dir)
-    model_config = model_config.replace(dropout_rate=0.0)
+    model_config = model_config.replace(dropout_rate=0.0, dtype=dtype)
     mesh = parallel.make_mesh(parallel.MeshShape(-1, 1, 1))
     spec = policy.PolicySpec(model_config, separate_critic=separate_critic)
     hyper = ppo_step.PPOHyper(kl=core.KLControllerConfig(init_coef=0.2), num_epochs=EPOCHS, num_minibatches=1,
@@ -82,26 +84,34 @@ def bench_jax(model_dir: str, iterations: int, separate_critic: bool) -> dict:
     stages = trainer.build_stages(spec, hyper, sampling_config, optimizer, mesh, state_sh, ref_sh,
                                   simple_rewards.TargetTokenReward(TARGET), reward_protocol.ResponseIds(eos_id=-1),
                                   BATCH, PROMPT)
-    rows = []
-    for it in range(iterations + 1):
-        ids, mask = make_prompts(100 + it, model_config.vocab_size)
+    holder = {"state": state, "iteration": 0}
+
+    def iterate() -> dict:
+        ids, mask = make_prompts(100 + holder["iteration"], model_config.vocab_size)
+        holder["iteration"] += 1
         batch = parallel.global_batch_from_host(
             {"prompt_ids": ids, "prompt_mask": mask, "therapist_emotion": np.zeros(BATCH, np.int32),
              "valid": np.ones(BATCH, np.int32)}, mesh)
         t, cpu = time.perf_counter(), time.process_time()
-        result = trainer.run_iteration(stages, state, ref, batch)
+        result = trainer.run_iteration(stages, holder["state"], ref, batch)
         total, cpu = time.perf_counter() - t, time.process_time() - cpu
-        state = result.state
+        holder["state"] = result.state
         m = result.metrics
-        rows.append({"total_s": total, "cpu_s": cpu, "rollout_s": m["time/rollout_s"],
-                     "reward_s": m["time/reward_s"], "update_s": m["time/update_s"], "score": m["objective/scores"]})
-    return summarise(rows)
+        return {"total_s": total, "cpu_s": cpu, "rollout_s": m["time/rollout_s"], "reward_s": m["time/reward_s"],
+                "update_s": m["time/update_s"], "score": m["objective/scores"]}
+
+    return iterate, {"num_params": gpt2.count_params(params), "tokens": BATCH * (PROMPT + NEW)}
+
+
+def bench_jax(model_dir: str, iterations: int, separate_critic: bool, dtype: str = "float32") -> dict:
+    iterate, _ = make_jax_iteration(model_dir, separate_critic, dtype)
+    return summarise([iterate() for _ in range(iterations + 1)])
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
 
 
-def bench_trl(model_dir: str, iterations: int) -> dict:
+def bench_trl(model_dir: str, iterations: int, dtype: str = "float32") -> dict:
     import torch
     from datasets import Dataset
     from tokenizers import Tokenizer, models
@@ -179,7 +189,7 @@ def bench_trl(model_dir: str, iterations: int) -> dict:
                          temperature=1.0, kl_coef=0.2, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0,
                          lam=0.95, total_episodes=BATCH * (iterations + 1), local_rollout_forward_batch_size=BATCH,
                          stop_token=None, num_sample_generations=0, report_to=[], save_strategy="no",
-                         logging_steps=1, use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+                         logging_steps=1, use_cpu=True, bf16=dtype == "bfloat16", seed=0, disable_tqdm=True)
         trainer = PPOTrainer(args=args, processing_class=tok, model=policy_model, ref_model=ref_model,
                              reward_model=ShareReward(), train_dataset=dataset, value_model=value_model,
                              eval_dataset=dataset, callbacks=[Clock()])
@@ -203,21 +213,32 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--framework", choices=("both", "jax", "jax-shared", "trl", "all"), default="both")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="ours: model.dtype (bf16 matmuls, f32 accumulation and weights); TRL: bf16=True (autocast)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the frameworks in turn this many times (alternating); medians over the rounds")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
 
     results = {"preset": args.preset, "shape": PRESETS[args.preset], "batch": BATCH, "prompt": PROMPT,
-               "new_tokens": NEW, "ppo_epochs": EPOCHS, "load_average_start": os.getloadavg(),
+               "new_tokens": NEW, "ppo_epochs": EPOCHS, "dtype": args.dtype, "load_average_start": os.getloadavg(),
                "cpu_count": os.cpu_count()}
     with tempfile.TemporaryDirectory() as model_dir:
         build_checkpoint(args.preset, model_dir)
         todo = {"both": ("jax", "trl"), "all": ("jax", "jax-shared", "trl")}.get(args.framework, (args.framework,))
-        for name in todo:
-            if name == "trl":
-                results[name] = bench_trl(model_dir, args.iterations)
-            else:
-                results[name] = bench_jax(model_dir, args.iterations, separate_critic=(name == "jax"))
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
+        runs = {name: [] for name in todo}
+        for round_index in range(args.rounds):
+            for name in todo:
+                if name == "trl":
+                    runs[name].append(bench_trl(model_dir, args.iterations, args.dtype))
+                else:
+                    runs[name].append(bench_jax(model_dir, args.iterations, separate_critic=(name == "jax"),
+                                                dtype=args.dtype))
+                print(f"round {round_index + 1} {name}: {json.dumps(runs[name][-1])} (load {os.getloadavg()})",
+                      flush=True)
+        for name, rows in runs.items():
+            results[name] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+            results[name]["rounds"] = rows
     results["load_average_end"] = os.getloadavg()
     if "jax" in results and "trl" in results:
         results["speedup_total"] = results["trl"]["total_s"] / results["jax"]["total_s"]

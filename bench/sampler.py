@@ -8,6 +8,7 @@ lengths: (time(N) - time(1)) / (N - 1), where time(1) is prefill plus the first 
 
     python bench/sampler.py                      # batch 16, prompt 64, 64 new tokens, top-k 50
     python bench/sampler.py --repeats 5 --lengths 32,64,128,256
+    python bench/sampler.py --dtype bfloat16 --hf-dtype bfloat16   # mixed precision on both sides
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def parse_args():
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="gpt2", help="GPT2Config.named size ('tiny' for a smoke run)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="ours: model.dtype (bfloat16 = bf16 weights and cache, f32 accumulation)")
+    parser.add_argument("--hf-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="HF: the torch model's dtype (bfloat16 = model.to(torch.bfloat16))")
     return parser.parse_args()
 
 
@@ -47,9 +52,9 @@ def timed(fn, cpu_log=None):
     return time.perf_counter() - start
 
 
-def cache_copies_in_loop(compiled_text: str, cache_shape) -> int:
+def cache_copies_in_loop(compiled_text: str, cache_shape, dtype: str = "f32") -> int:
     """How many HLO copy ops produce a whole KV-cache-shaped buffer (0 = updated in place)."""
-    shape = "f32[" + ",".join(str(d) for d in cache_shape) + "]"
+    shape = dtype + "[" + ",".join(str(d) for d in cache_shape) + "]"
     return len(re.findall(re.escape(shape) + r"\{[^}]*\} copy(?:-start)?\(", compiled_text))
 
 
@@ -73,6 +78,10 @@ def main():
         bos_token_id=None, eos_token_id=None, pad_token_id=0))).eval()
     tensors = {k.removeprefix("transformer."): v.detach().numpy() for k, v in hf_model.state_dict().items()}
     params = jax.device_put(params_from_hf_tensors(config, tensors, source=f"random {args.size}"))
+    config = config.replace(dtype=args.dtype)  # the same float32 weights; bfloat16 rounds them once per call
+    if args.hf_dtype == "bfloat16":
+        hf_model = hf_model.to(torch.bfloat16)
+    print(f"ours: model.dtype={args.dtype}; HF: torch dtype {args.hf_dtype}")
 
     rng = np.random.default_rng(args.seed)
     batch, prompt_len = args.batch, args.prompt
@@ -104,7 +113,7 @@ def main():
 
     head_to_head, compile_s = compile_ours(args.new)
     cache_shape = (batch, config.n_head, prompt_len + args.new, config.head_dim)
-    copies = cache_copies_in_loop(head_to_head.as_text(), cache_shape)
+    copies = cache_copies_in_loop(head_to_head.as_text(), cache_shape, "bf16" if args.dtype == "bfloat16" else "f32")
     print(f"\nours: compile {compile_s:.1f} s; whole-cache copies in compiled HLO: {copies}")
 
     run_ours(head_to_head, args.new)  # warm-up

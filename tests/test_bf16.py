@@ -78,3 +78,61 @@ def test_bf16_ppo_learns_the_toy_task():
         rewards.append(result.metrics["objective/scores"])
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.15, rewards
+
+
+def _round_bf16(x):
+    return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def test_mixed_matmul_against_a_numpy_reference():
+    """`ops.dense_matmul` in bfloat16: bf16-rounded operands, float32 accumulation, a float32 kernel gradient from
+    bf16-rounded cotangents; both kernel layouts. float32: an ordinary dot."""
+    from therapy_rl import ops
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 5, 64)).astype(np.float32)
+    for transpose in (False, True):
+        kernel = rng.normal(size=(48, 64) if transpose else (64, 48)).astype(np.float32)
+        g = rng.normal(size=(3, 5, 48)).astype(np.float32)
+        k_in_out = (lambda k: k.T) if transpose else (lambda k: k)
+
+        def loss(x, k):
+            return jnp.sum(ops.dense_matmul(x, k, jnp.bfloat16, transpose_kernel=transpose) * g)
+
+        y = ops.dense_matmul(jnp.asarray(x), jnp.asarray(kernel), jnp.bfloat16, transpose_kernel=transpose)
+        assert y.dtype == jnp.float32
+        want = _round_bf16(x) @ k_in_out(_round_bf16(kernel))
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+        grad_x, grad_k = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(kernel))
+        assert grad_x.dtype == jnp.float32 and grad_k.dtype == jnp.float32
+        want_x = _round_bf16(g) @ k_in_out(_round_bf16(kernel)).T
+        np.testing.assert_allclose(np.asarray(grad_x), want_x, rtol=1e-5, atol=1e-4)
+        want_k = _round_bf16(x).reshape(-1, 64).T @ _round_bf16(g).reshape(-1, 48)
+        np.testing.assert_allclose(np.asarray(grad_k), want_k.T if transpose else want_k, rtol=1e-5, atol=1e-4)
+        # and it is a bf16 result: the float32 product differs by more than float32 rounding
+        assert np.max(np.abs(np.asarray(y) - x @ k_in_out(kernel))) > 1e-3
+        y32 = ops.dense_matmul(jnp.asarray(x), jnp.asarray(kernel), jnp.float32, transpose_kernel=transpose)
+        np.testing.assert_allclose(np.asarray(y32), x.astype(np.float64) @ k_in_out(kernel), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_train_step_runs_every_matmul_on_bfloat16_operands():
+    """Forward and backward of the LM loss: every dot_general takes bf16 operands (the fast path on CPU AMX and the
+    TPU/GPU default); the float32 model keeps float32 dots."""
+    import re
+
+    from therapy_rl.models import gpt2
+
+    for dtype, want in (("bfloat16", "bf16"), ("float32", "f32")):
+        config = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, dtype=dtype)
+        params = gpt2.init_params(config, jax.random.key(0))
+        ids = jnp.ones((2, 8), jnp.int32)
+
+        def loss(p):
+            return jnp.mean(gpt2.GPT2LMHeadModel(config).apply({"params": p}, ids).logits ** 2)
+
+        grad_fn = jax.jit(jax.grad(loss))
+        jax.block_until_ready(grad_fn(params))  # runs: XLA:CPU has a bf16 x bf16 -> f32 dot for some layouts only
+        text = grad_fn.lower(params).as_text()
+        dots = re.findall(r"stablehlo\.dot_general.*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", text)
+        assert len(dots) >= 12, len(dots)  # 2 layers x (4 dense + 2 attention) forward, more backward
+        assert {t for pair in dots for t in pair} == {want}, (dtype, dots)

@@ -1,11 +1,12 @@
 """Array kernels SFT, PPO and the reward share: masked statistics and whitening, the fused softmax/token-NLL
-kernel, and gradient accumulation over micro-batches (jax only).
+kernel, the models' mixed-precision matmul, and gradient accumulation over micro-batches (jax only).
 
 Masks may be int, bool or float (float masks act as weights); masked-out positions may hold any value, even
 inf/nan: they are selected away with `where`, never multiplied.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -134,6 +135,107 @@ def _softmax_token_stats_bwd(residuals, cotangents):
 
 
 softmax_token_stats.defvjp(_softmax_token_stats_fwd, _softmax_token_stats_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense matmul with float32 accumulation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dense_matmul(x: Array, kernel: Array, compute_dtype: Any, transpose_kernel: bool = False) -> Array:
+    """``x [..., in] @ kernel [in, out]`` (``kernel [out, in]`` with ``transpose_kernel``), the leading axes of x
+    flattened into one (a 2-D dot: no transposed copies of activations for the weight gradient on XLA:CPU).
+
+    float32: an ordinary float32 dot; the result is float32. bfloat16 (mixed precision): x and the float32 master
+    kernel are rounded to bfloat16 and the dot accumulates in float32 (XLA:CPU runs only bf16 x bf16 -> f32 dots
+    on AMX); the result is float32, for the caller to add its bias and round. Its backward (`_mixed_matmul`) feeds
+    bfloat16 cotangents to two more bf16 x bf16 -> f32 dots; the kernel's gradient stays float32.
+    """
+    leading, features_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, features_in)
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        dims = (((1,), (1 if transpose_kernel else 0,)), ((), ()))
+        y = jax.lax.dot_general(x2.astype(jnp.float32), kernel.astype(jnp.float32), dims)
+    else:
+        y = _mixed_matmul(x2, kernel, jnp.dtype(compute_dtype), transpose_kernel)
+    return y.reshape(*leading, y.shape[-1])
+
+
+def _mixed_matmul(x2: Array, kernel: Array, compute_dtype, transpose_kernel: bool) -> Array:
+    return _mixed_matmul_fn(jnp.dtype(compute_dtype), bool(transpose_kernel), jnp.dtype(x2.dtype),
+                            jnp.dtype(kernel.dtype))(x2, kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_matmul_fn(compute_dtype, transpose_kernel: bool, x_dtype, kernel_dtype):
+    """The custom-VJP 2-D matmul for one (compute dtype, kernel layout, input dtypes)."""
+    f32 = jnp.float32
+    kernel_in_axis = 1 if transpose_kernel else 0  # the kernel axis contracted with x's features
+
+    @jax.custom_vjp
+    def matmul(x2, kernel):
+        return forward(x2, kernel)[0]
+
+    def forward(x2, kernel):
+        xc, kc = x2.astype(compute_dtype), kernel.astype(compute_dtype)
+        y = jax.lax.dot_general(xc, kc, (((1,), (kernel_in_axis,)), ((), ())), preferred_element_type=f32)
+        return y, (xc, kc)
+
+    def backward(residuals, grad_y):
+        xc, kc = residuals
+        g = grad_y.astype(compute_dtype)  # [N, out]
+        grad_x = jax.lax.dot_general(g, kc, (((1,), (1 - kernel_in_axis,)), ((), ())), preferred_element_type=f32)
+        if transpose_kernel:  # kernel [out, in] <- g^T @ x
+            grad_k = jax.lax.dot_general(g, xc, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+        else:  # kernel [in, out] <- x^T @ g
+            grad_k = jax.lax.dot_general(xc, g, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+        return grad_x.astype(x_dtype), grad_k.astype(kernel_dtype)
+
+    matmul.defvjp(forward, backward)
+    return matmul
+
+
+def mixed_einsum(spec: str, a: Array, b: Array, compute_dtype: Any) -> Array:
+    """A two-operand ``einsum(spec, a, b)`` accumulated in float32 (float32 result). Under bfloat16 the operands are
+    rounded to it and the backward's two einsums also take bfloat16 operands (as `dense_matmul`), where plain
+    autodiff of a float32-accumulated einsum would run float32 dots on the float32 cotangent."""
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _mixed_einsum_fn(spec.replace(" ", ""), jnp.dtype(compute_dtype), jnp.dtype(a.dtype),
+                            jnp.dtype(b.dtype))(a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_einsum_fn(spec: str, compute_dtype, a_dtype, b_dtype):
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    if set(a_spec) - set(b_spec + out) or set(b_spec) - set(a_spec + out):
+        raise ValueError(f"mixed_einsum: {spec!r} sums an index of one operand alone (not supported)")
+    f32 = jnp.float32
+
+    @jax.custom_vjp
+    def einsum(a, b):
+        return forward(a, b)[0]
+
+    def forward(a, b):
+        ac, bc = a.astype(compute_dtype), b.astype(compute_dtype)
+        return jnp.einsum(spec, ac, bc, preferred_element_type=f32), (ac, bc)
+
+    # The cotangent with the batch indices first (XLA:CPU's only bf16 x bf16 -> f32 dot, YNNPACK, rejects some
+    # layouts, e.g. "bhts,bthd->bhsd", and its fallback has no such dot at all).
+    batch = [c for c in a_spec if c in b_spec and c in out]
+    g_spec = "".join(batch + [c for c in out if c not in batch])
+    g_perm = tuple(out.index(c) for c in g_spec)
+
+    def backward(residuals, grad_out):
+        ac, bc = residuals
+        g = jnp.transpose(grad_out.astype(compute_dtype), g_perm)
+        grad_a = jnp.einsum(f"{g_spec},{b_spec}->{a_spec}", g, bc, preferred_element_type=f32)
+        grad_b = jnp.einsum(f"{a_spec},{g_spec}->{b_spec}", ac, g, preferred_element_type=f32)
+        return grad_a.astype(a_dtype), grad_b.astype(b_dtype)
+
+    einsum.defvjp(forward, backward)
+    return einsum
 
 
 # ----------------------------------------------------------------------------------------------------------------

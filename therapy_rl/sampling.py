@@ -397,6 +397,15 @@ def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOu
 # ----------------------------------------------------------------------------------------------- GPT-2
 
 
+def weights_in_compute_dtype(params, config):
+    """Under a bfloat16 compute dtype, the float weights rounded to it once per sampler call (the layers round them
+    anyway): every decode step then reads half the bytes instead of re-rounding float32 weights."""
+    dtype = jnp.dtype(config.compute_dtype)
+    if dtype == jnp.float32:
+        return params
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
              knobs: Optional[SamplingKnobs] = None, with_hidden: bool = False,
@@ -422,6 +431,7 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
     from therapy_rl.models import families
 
     model = families.module(config)
+    params = weights_in_compute_dtype(params, config)
     n_new = sampling.max_new_tokens
     # Key mask over all cache slots: the prompt's, then every generated slot is real.
     key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, n_new), jnp.int32)], axis=1)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from therapy_rl import defaults
+from therapy_rl import defaults, ops
 
 _MODEL_DEFAULTS = defaults.model_defaults()  # config.model: the defaults of GPT2Config's run-time fields
 
@@ -209,19 +209,21 @@ def write_layer_cache(layer_cache, k, v, cache_index):
 
 def blockwise_scores(spec: str, q, key_blocks) -> jax.Array:
     """float32 attention scores over the key blocks' slots, in order (one einsum per block, then concatenated)."""
-    parts = [jnp.einsum(spec, q, kb, preferred_element_type=jnp.float32) for kb in key_blocks]
+    parts = [ops.mixed_einsum(spec, q, kb, q.dtype) for kb in key_blocks]
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 def blockwise_values(spec: str, probs, value_blocks) -> jax.Array:
-    """sum_j probs[..., slots of block j] . value block j (one einsum over all slots when there is one block)."""
+    """sum_j probs[..., slots of block j] . value block j (one einsum over all slots when there is one block),
+    accumulated in float32 and returned in the probabilities' dtype."""
+    einsum = lambda p, v: ops.mixed_einsum(spec, p, v, probs.dtype)  # noqa: E731  (float32 accumulation)
     if len(value_blocks) == 1:
-        return jnp.einsum(spec, probs, value_blocks[0])
+        return einsum(probs, value_blocks[0]).astype(probs.dtype)
     out, start = None, 0
     for vb in value_blocks:
-        part = jnp.einsum(spec, lax.slice_in_dim(probs, start, start + vb.shape[2], axis=probs.ndim - 1), vb)
+        part = einsum(lax.slice_in_dim(probs, start, start + vb.shape[2], axis=probs.ndim - 1), vb)
         out, start = part if out is None else out + part, start + vb.shape[2]
-    return out
+    return out.astype(probs.dtype)
 
 
 def init_cache(config: GPT2Config, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -266,9 +268,26 @@ class GPT2Output(NamedTuple):
     cache: Optional[KVCache]
 
 
-def _dense(features: int, config: GPT2Config, name: str, std: float) -> nn.Dense:
-    return nn.Dense(features, dtype=config.compute_dtype, param_dtype=config.params_dtype,
-                    kernel_init=nn.initializers.normal(std), bias_init=nn.initializers.zeros, name=name)
+class Dense(nn.Module):
+    """`nn.Dense`'s parameters (kernel [in, out], bias [out], same names and init) through `ops.dense_matmul`:
+    float32, or bfloat16 operands with float32 accumulation and a float32 bias add, rounded to the compute dtype."""
+
+    features: int
+    compute_dtype: Any
+    param_dtype: Any
+    kernel_std: float
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        y = ops.dense_matmul(x, kernel, self.compute_dtype) + bias.astype(jnp.float32)
+        return y.astype(self.compute_dtype)
+
+
+def _dense(features: int, config: GPT2Config, name: str, std: float) -> Dense:
+    return Dense(features, config.compute_dtype, config.params_dtype, std, name=name)
 
 
 def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
@@ -398,8 +417,10 @@ class GPT2LMHeadModel(nn.Module):
 
 def lm_logits(embedding: jax.Array, hidden: jax.Array, config: GPT2Config) -> jax.Array:
     """The tied LM head: hidden [..., D] @ wte^T -> float32 logits [..., V] (accumulated in float32)."""
-    return jnp.einsum("...d,vd->...v", hidden.astype(config.compute_dtype),
-                      embedding.astype(config.compute_dtype), preferred_element_type=jnp.float32)
+    if config.compute_dtype == jnp.float32:
+        return jnp.einsum("...d,vd->...v", hidden.astype(jnp.float32), embedding.astype(jnp.float32),
+                          preferred_element_type=jnp.float32)
+    return ops.dense_matmul(hidden, embedding, config.compute_dtype, transpose_kernel=True)
 
 
 def init_params(config: GPT2Config, rng: jax.Array, seq_len: int = 8) -> Any:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from therapy_rl import ops
+
 ADAPTER_LEAVES = ("lora_a", "lora_b")
 DEFAULT_TARGETS = r"self_attn/(q_proj|k_proj|v_proj|o_proj)$"
 
@@ -78,9 +80,10 @@ class Linear(nn.Module):
         if adapted:
             kernel = jax.lax.stop_gradient(kernel)
             bias = None if bias is None else jax.lax.stop_gradient(bias)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = ops.dense_matmul(x, kernel, self.dtype)  # float32 (accumulated in float32 under bfloat16)
         if bias is not None:
-            y = y + bias.astype(self.dtype)
+            y = y + bias.astype(jnp.float32)
+        y = y.astype(self.dtype)
         if adapted:
             lora_a = self.param("lora_a", _lora_a_init, (x.shape[-1], self.lora.rank), jnp.float32)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from therapy_rl import ops
 from therapy_rl.models import gpt2, lora as lora_lib
 from therapy_rl.models.gpt2 import KVCache
 
@@ -363,9 +364,7 @@ class _HeadKernel(nn.Module):
 
 def _head_logits(weight, hidden, config: MistralConfig):
     """The tied embedding [V, D] or lm_head kernel [D, V] applied to hidden [..., D]: float32 logits [..., V]."""
-    spec = "...d,vd->...v" if config.tie_word_embeddings else "...d,dv->...v"
-    return jnp.einsum(spec, hidden.astype(config.compute_dtype), weight.astype(config.compute_dtype),
-                      preferred_element_type=jnp.float32)
+    return ops.dense_matmul(hidden, weight, config.compute_dtype, transpose_kernel=config.tie_word_embeddings)
 
 
 def lm_logits(params, hidden: jax.Array, config: MistralConfig) -> jax.Array:

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from therapy_rl import ops
+
 
 class SparseMoe(nn.Module):
     config: "object"  # mistral.MistralConfig with num_local_experts > 0
@@ -43,12 +45,12 @@ class SparseMoe(nn.Module):
         w1 = self.param("w1", init, (experts, d, ffn), cfg.params_dtype)
         w3 = self.param("w3", init, (experts, d, ffn), cfg.params_dtype)
         w2 = self.param("w2", init, (experts, ffn, d), cfg.params_dtype)
-        xc = x.astype(cfg.compute_dtype)
-        gate = jnp.einsum("btd,edf->btef", xc, w1.astype(cfg.compute_dtype))
-        up = jnp.einsum("btd,edf->btef", xc, w3.astype(cfg.compute_dtype))
+        cd = cfg.compute_dtype  # expert matmuls accumulate in float32 (ops.mixed_einsum)
+        gate = ops.mixed_einsum("btd,edf->btef", x, w1, cd).astype(cd)
+        up = ops.mixed_einsum("btd,edf->btef", x, w3, cd).astype(cd)
         hidden = jax.nn.silu(gate) * up  # [B, T, E, F]
-        weighted = hidden * combine.astype(cfg.compute_dtype)[..., None]
-        out = jnp.einsum("btef,efd->btd", weighted, w2.astype(cfg.compute_dtype))
+        weighted = hidden * combine.astype(cd)[..., None]
+        out = ops.mixed_einsum("btef,efd->btd", weighted, w2, cd).astype(cd)
 
         m = token_mask.astype(jnp.float32)
         assignments = jnp.einsum("bt,btke->e", m, chosen)
