@@ -5,7 +5,7 @@
 Decoding: the settings of a saved decoding.json (this workdir's, else the run's), else config.sampling (the paper's
 PPO sampling: top_p 1, top_k 0, temperature 1, 128 new tokens). To tune them like the paper but on VALIDATION
 prompts: ``--config.decoding_search.enabled=True`` (the paper's 288-setting grid on the first 100 validation
-prompts; one compilation per setting, so use an accelerator or a smaller grid, e.g.
+prompts; temperature, top-k and top-p are traced, so the grid compiles 4 samplers in all; a smaller grid:
 ``--config.decoding_search.top_p='(0.7,1.0)'``). LLM judge: ``--config.judge.enabled=True
 --config.judge.base_url=... --config.judge.model=gpt-4o-mini`` with the key in $OPENAI_API_KEY.
 """

@@ -65,6 +65,8 @@ def test_cli_writes_report_plots_generations_and_val_decoding(cli_eval, sft_run)
         decoding = json.load(f)
     assert decoding["chosen_on_split"] == "val" and not decoding["forced_on_test_split"]
     assert decoding["n_candidates"] == 2
+    assert decoding["compiled_samplers"] == 2  # top_p 0.9 filters, 1.0 does not: two plans (knobs are traced)
+    assert decoding["search_seconds"] >= 0.99 * sum(r["seconds"] for r in decoding["results"]) > 0
     best = max(decoding["results"], key=lambda r: r["scores"]["rougeL"])
     assert decoding["settings"] == best["settings"]
     assert report["decoding"]["chosen_on_split"] == "val"

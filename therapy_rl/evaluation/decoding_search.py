@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 from therapy_rl import errors
@@ -83,15 +84,18 @@ def search_decoding(generate_fn: Callable[[dict], Any], score_fn: Callable[[Any]
                                  "split (allow_test_split=True forces it, and reports will say so)")
     if not grid:
         raise ValueError("search_decoding: empty grid")
-    results = []
+    results, started = [], time.perf_counter()
     for i, settings in enumerate(grid):
+        t = time.perf_counter()
         scores = {k: float(v) for k, v in dict(score_fn(generate_fn(dict(settings)))).items()}
-        results.append({"settings": dict(settings), "scores": scores})
+        results.append({"settings": dict(settings), "scores": scores, "seconds": round(time.perf_counter() - t, 3)})
         if log_fn is not None:
-            log_fn(f"[decoding {i + 1}/{len(grid)}] {settings} -> {metric_value(scores, metric):.4f}")
+            log_fn(f"[decoding {i + 1}/{len(grid)}] {settings} -> {metric_value(scores, metric):.4f} "
+                   f"({results[-1]['seconds']:.1f}s)")
     return {"split": split_name, "metric": metric if isinstance(metric, str) else dict(metric),
             "best": select_best(results, metric), "results": results,
-            "forced_on_test_split": bool(is_test_split(split_name))}
+            "forced_on_test_split": bool(is_test_split(split_name)),
+            "search_seconds": round(time.perf_counter() - started, 2)}
 
 
 def decoding_payload(search: Mapping[str, Any]) -> dict:
@@ -103,6 +107,8 @@ def decoding_payload(search: Mapping[str, Any]) -> dict:
         "metric": search["metric"],
         "objective": search["best"]["objective"],
         "n_candidates": len(search["results"]),
+        "search_seconds": search.get("search_seconds"),  # generation and scoring of every candidate
+        "compiled_samplers": search.get("compiled_samplers"),  # distinct sampler programs the grid needed
         "results": search["results"],
     }
 

@@ -345,11 +345,16 @@ def run_search(config, workdir: str, generator: Generator, tok, split_arrays, me
     result = decoding_search.search_decoding(generate, lambda records: search_scores(records, meteor_variant), grid,
                                              search_cfg.split, metric=search_metric(search_cfg),
                                              allow_test_split=search_cfg.allow_test_split, log_fn=log)
+    from therapy_rl import sampling
+
+    # temperature, top-k and top-p are traced: only the static plans (filters on/off) compile a sampler
+    result["compiled_samplers"] = len({sampling.split_sampling(generator.sampling_config(s))[0] for s in grid})
     payload = decoding_search.decoding_payload(result)
     if jax.process_index() == 0:
         path = decoding_search.save_decoding(workdir, result)
         log(f"[eval] decoding search chose {result['best']['settings']} on {search_cfg.split} "
-            f"({result['metric']} {result['best']['objective']:.4f}); saved {path}")
+            f"({result['metric']} {result['best']['objective']:.4f}) in {result['search_seconds']:.0f}s, "
+            f"{len(grid)} settings on {result['compiled_samplers']} compiled sampler(s); saved {path}")
     return json.loads(json.dumps(payload))  # as load_decoding would read it back
 
 
