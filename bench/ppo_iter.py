@@ -100,7 +100,7 @@ def make_jax_iteration(model_dir: str, separate_critic: bool, dtype: str = "floa
         return {"total_s": total, "cpu_s": cpu, "rollout_s": m["time/rollout_s"], "reward_s": m["time/reward_s"],
                 "update_s": m["time/update_s"], "score": m["objective/scores"]}
 
-    return iterate, {"num_params": gpt2.count_params(params), "tokens": BATCH * (PROMPT + NEW)}
+    return iterate, {"num_params": gpt2.count_params(params), "tokens": BATCH * (PROMPT + NEW), "config": model_config}
 
 
 def bench_jax(model_dir: str, iterations: int, separate_critic: bool, dtype: str = "float32") -> dict:

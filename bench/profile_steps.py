@@ -287,23 +287,32 @@ def profile_sampler(args, peak: float, bandwidth: float) -> dict:
             "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls)}
 
 
-def profile_ppo(args, peak: float) -> dict:
+def profile_ppo(args, peak: float, bandwidth: float) -> dict:
     import ppo_iter
+
+    from therapy_rl.models import gpt2
 
     with tempfile.TemporaryDirectory() as model_dir:
         ppo_iter.build_checkpoint(args.preset, model_dir)
-        iterate, info = ppo_iter.make_jax_iteration(model_dir, separate_critic=True)
+        iterate, info = ppo_iter.make_jax_iteration(model_dir, separate_critic=True, dtype=args.dtype)
         iterate()
         iterate()
         rows, wall = trace_calls(iterate, args.calls)
-    n_params, tokens = info["num_params"], info["tokens"]
-    trunks = 2  # policy and critic
-    # rollout forward (policy), old values (critic), reference (policy), then per epoch forward+backward of both
-    flops = 2 * n_params * tokens * 3 + ppo_iter.EPOCHS * trunks * 6 * n_params * tokens
+    config, tokens = info["config"], info["tokens"]
+    policy = gpt2.flops_per_token(config, 0) / 6  # matmul weights, tied LM head included
+    critic = policy - config.vocab_size * config.n_embd  # the critic trunk has a value head, no LM head
+    # per epoch forward + backward of both trunks (6N per token); the reference (policy) and old values (critic)
+    # forwards (2N); old log-probs come from the sampler. Rollout: each decode step reads the policy's weights.
+    update_flops = ppo_iter.EPOCHS * 6 * (policy + critic) * tokens + 2 * (policy + critic) * tokens
+    width = 2 if args.dtype == "bfloat16" else 4
+    step_s = max(policy * width / bandwidth, 2 * policy * ppo_iter.BATCH / peak)
+    rollout_s = 2 * policy * ppo_iter.BATCH * ppo_iter.PROMPT / peak + ppo_iter.NEW * step_s
+    limit_s = update_flops / peak + rollout_s
     return {"step": f"PPO iteration, preset {args.preset}, separate critic, batch {ppo_iter.BATCH}, "
-                    f"{ppo_iter.NEW} new tokens, {ppo_iter.EPOCHS} epochs", "wall_ms": wall * 1e3,
-            "limit_ms": flops / peak * 1e3,
-            "limit": f"{flops / 1e9:.0f} GFLOP (6N per trained token, 2N per forward) / {peak / 1e9:.0f} GFLOP/s",
+                    f"{ppo_iter.NEW} new tokens, {ppo_iter.EPOCHS} epochs, {args.dtype}", "wall_ms": wall * 1e3,
+            "limit_ms": limit_s * 1e3,
+            "limit": (f"update {update_flops / 1e12:.1f} TFLOP / {peak / 1e9:.0f} GFLOP/s = {update_flops / peak:.1f} s, "
+                      f"rollout {rollout_s:.1f} s ({1e3 * step_s:.1f} ms per decode step)"),
             "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls)}
 
 
@@ -333,7 +342,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--new_tokens", type=int, default=64, help="sampler: new tokens per row")
     parser.add_argument("--preset", default="small", help="ppo: a bench/ppo_iter.py preset (tiny, small, gpt2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="sft and sampler: model.dtype (bfloat16 = bf16 operands, f32 accumulation and weights)")
+                        help="model.dtype (bfloat16 = bf16 operands, f32 accumulation and weights)")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--markdown", default="", help="write the tables here")
     args = parser.parse_args(argv)
@@ -352,7 +361,7 @@ def main(argv=None) -> list[dict]:
         elif step == "sampler":
             results.append(profile_sampler(args, peak, bandwidth))
         else:
-            results.append(profile_ppo(args, peak))
+            results.append(profile_ppo(args, peak, bandwidth))
         print(markdown(results[-1]))
     print(f"load at end {common.load_average()}")
     text = "".join(markdown(r) + "\n" for r in results)
