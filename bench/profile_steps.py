@@ -108,9 +108,8 @@ def classify(instruction: Instruction, computations: dict[str, set[str]], name: 
     ops = inner | {op}
     if op == "while" or op == "conditional" or op == "call":
         return "loop control (while self time)"
-    if name.startswith("ynn_fusion") or ops & {"dot", "convolution"} or (
-            op == "custom-call" and re.search(r"matmul|onednn", instruction.text, re.I)):
-        return "matmul (dot)"
+    if ops & {"dot", "convolution"} or (op == "custom-call" and re.search(r"matmul|onednn", instruction.text, re.I)):
+        return "matmul (dot)"  # YNNPACK fusions hold dots, and also reductions and element-wise ops (below)
     if "sort" in ops or (op == "custom-call" and "TopK" in instruction.text):
         return "top-k and sort"
     if "rng-bit-generator" in ops or {"shift-right-logical", "xor"} <= ops:
