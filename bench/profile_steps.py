@@ -29,14 +29,12 @@ import sys
 import tempfile
 import time
 
-_DUMP_DIR = tempfile.mkdtemp(prefix="therapy_rl_hlo_")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP_DIR} --xla_dump_hlo_as_text"
-                           " --xla_dump_hlo_pass_re=^$").strip()
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+_DUMP_DIR = tempfile.mkdtemp(prefix="therapy_rl_hlo_")  # main() points XLA's dumps here before jax starts
 
 OP_CLASSES = ("matmul (dot)", "element-wise", "reductions (softmax, norms, loss, sums)", "copies and transposes",
               "gather / scatter / cache update", "top-k and sort", "random bits", "loop control (while self time)",
@@ -118,7 +116,7 @@ def classify(instruction: Instruction, computations: dict[str, set[str]], name: 
         return "gather / scatter / cache update"
     if ops & {"reduce", "reduce-window"}:
         return "reductions (softmax, norms, loss, sums)"
-    if ops <= _LAYOUT_OPS or op in {"copy", "transpose"}:
+    if (inner if op == "fusion" else ops) <= _LAYOUT_OPS or op in {"copy", "transpose"}:
         return "copies and transposes"
     if op == "fusion" or op in {"add", "multiply", "subtract", "divide", "exponential", "log", "select", "convert",
                                 "maximum", "minimum", "compare", "tanh", "negate", "sqrt", "rsqrt", "power"}:
@@ -345,6 +343,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--markdown", default="", help="write the tables here")
     args = parser.parse_args(argv)
+    if "jax" in sys.modules:
+        raise SystemExit("profile_steps: run it as a script (XLA's HLO dump must be set before jax starts)")
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP_DIR} "
+                               "--xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$").strip()
 
     print(f"{common.machine_summary()}; load at start {common.load_average()}")
     peak = matmul_peak(dtype=args.dtype)
