@@ -136,3 +136,27 @@ def test_bf16_train_step_runs_every_matmul_on_bfloat16_operands():
         dots = re.findall(r"stablehlo\.dot_general.*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", text)
         assert len(dots) >= 12, len(dots)  # 2 layers x (4 dense + 2 attention) forward, more backward
         assert {t for pair in dots for t in pair} == {want}, (dtype, dots)
+
+
+def test_mixed_einsum_gradients_against_a_numpy_reference():
+    """The attention contractions in bfloat16 (the values one has its output axes in another order than its
+    inputs', the layout YNNPACK rejected in the backward): forward and both gradients from bf16-rounded operands."""
+    from therapy_rl import ops
+
+    rng = np.random.default_rng(1)
+    for spec, a_shape, b_shape in (("bhtd,bhsd->bhts", (2, 3, 5, 4), (2, 3, 6, 4)),
+                                   ("bhts,bhsd->bthd", (2, 3, 5, 6), (2, 3, 6, 4))):
+        a = rng.normal(size=a_shape).astype(np.float32)
+        b = rng.normal(size=b_shape).astype(np.float32)
+        out = np.einsum(spec, _round_bf16(a), _round_bf16(b))
+        g = rng.normal(size=out.shape).astype(np.float32)
+        y = ops.mixed_einsum(spec, jnp.asarray(a), jnp.asarray(b), jnp.bfloat16)
+        np.testing.assert_allclose(np.asarray(y), out, rtol=1e-5, atol=1e-5)
+        grads = jax.grad(lambda a, b: jnp.sum(ops.mixed_einsum(spec, a, b, jnp.bfloat16) * g), argnums=(0, 1))(
+            jnp.asarray(a), jnp.asarray(b))
+        inputs, out_spec = spec.split("->")
+        a_spec, b_spec = inputs.split(",")
+        want_a = np.einsum(f"{out_spec},{b_spec}->{a_spec}", _round_bf16(g), _round_bf16(b))
+        want_b = np.einsum(f"{a_spec},{out_spec}->{b_spec}", _round_bf16(a), _round_bf16(g))
+        np.testing.assert_allclose(np.asarray(grads[0]), want_a, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(grads[1]), want_b, rtol=1e-5, atol=1e-5)
