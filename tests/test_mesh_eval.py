@@ -34,6 +34,9 @@ def read(workdir):
         generations = f.read()
     with open(os.path.join(workdir, "decoding.json")) as f:
         decoding = json.load(f)
+    decoding.pop("search_seconds")  # timings: the rest of the search must match exactly
+    for result in decoding["results"]:
+        result.pop("seconds")
     kept = json.loads(json.dumps({k: v for k, v in meta.items() if k not in RUN_FIELDS}).replace(workdir, "W"))
     return report, kept, generations, decoding, meta
 
