@@ -153,16 +153,16 @@ def op_self_times(xplane_path: str) -> list[dict]:
     return rows
 
 
-def profile_table(rows: list[dict], modules: dict, calls: int, args_top_ops: int = 12) -> dict:
+def profile_table(rows: list[dict], modules: dict, calls: int, top_ops: int = 12) -> dict:
     by_class = collections.Counter()
     by_op = collections.Counter()
     by_where = collections.Counter()
     described = {}
-    names = {name: key for key in modules for name in [key[1]]}
+    key_by_name = {key[1]: key for key in modules}
     for row in rows:
         module = modules.get((row["module_id"], row["module"]))
         if module is None:  # the profiler's program id is not always the dump's module id: match by name
-            key = names.get(row["module"])
+            key = key_by_name.get(row["module"])
             module = modules.get(key) if key else None
         instruction = module[0].get(row["op"]) if module else None
         op_class = classify(instruction, module[1], row["op"]) if instruction else "other"
@@ -176,7 +176,7 @@ def profile_table(rows: list[dict], modules: dict, calls: int, args_top_ops: int
     classes = [{"class": c, "ms_per_call": by_class[c] / 1e6 / calls, "share": by_class[c] / total}
                for c in OP_CLASSES if by_class[c]]
     top = []
-    for (module, op), ns in by_op.most_common(args_top_ops):
+    for (module, op), ns in by_op.most_common(top_ops):
         op_class, opcode, op_name, text = described.get((module, op), ("other", "?", "", ""))
         top.append({"module": module, "op": op, "class": op_class, "opcode": opcode, "hlo": text,
                     "where": _short_op_name(op_name), "ms_per_call": ns / 1e6 / calls, "share": ns / total})
