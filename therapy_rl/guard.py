@@ -52,7 +52,7 @@ WINDOW_SIZE, WINDOW_STRIDE = 96, 48
 WINDOW_SCALES = ((WINDOW_SIZE, WINDOW_STRIDE),)  # one scale (content tokens per window, stride)
 CONTEXT_TOKENS = 48  # how much of the earlier turns is put in front of a message
 CONTEXT_TURNS = 3  # at most this many earlier user turns
-TUNED_LAYERS = 2  # the top encoder layers that carry adapters
+TUNED_LAYERS = 6  # the top encoder layers that carry adapters (new weights; a file says how many it has)
 LORA_RANK = 16
 LORA_SCALE = 2.0
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
@@ -61,7 +61,7 @@ FEATURE_DIM = 3 * EMBED_DIM  # [CLS, mean, max] of the last layer
 # Padded row lengths (one compile each); fine steps keep long messages from computing many empty windows.
 LENGTH_BUCKETS = (32, 48, 64, 98, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048)
 WEIGHTS_FILE = "guard.npz"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3 adds adapter/tuned_layers; 2 (two tuned layers) is still read
 # crisis: head alone; crisis_idiom: head alone when the message holds a lexicon idiom ("killing me", "shoot me a
 # text") and no strong phrase; *_lexicon_support: head probability that confirms a lexicon phrase.
 # crisis_weak_support: head probability that confirms a weak lexicon phrase (means and distress words).
@@ -100,8 +100,8 @@ class GuardParams:
     thresholds: Mapping[str, jax.Array]
 
 
-def tuned_layer_names(num_layers: int) -> tuple[str, ...]:
-    return tuple(f"layer_{i}" for i in range(max(num_layers - TUNED_LAYERS, 0), num_layers))
+def tuned_layer_names(num_layers: int, tuned_layers: int = TUNED_LAYERS) -> tuple[str, ...]:
+    return tuple(f"layer_{i}" for i in range(max(num_layers - tuned_layers, 0), num_layers))
 
 
 def _target_shapes(config: encoder_lib.BertConfig) -> dict[str, tuple[int, int]]:
@@ -111,12 +111,12 @@ def _target_shapes(config: encoder_lib.BertConfig) -> dict[str, tuple[int, int]]
 
 
 def init_guard_params(rng: jax.Array, encoder_config: encoder_lib.BertConfig | None = None,
-                      hidden_dim: int = 128) -> GuardParams:
+                      hidden_dim: int = 128, tuned_layers: int = TUNED_LAYERS) -> GuardParams:
     """Zero adapters (the base encoder) and random heads (tests, and the trainer's start)."""
     config = encoder_config or encoder_lib.BertConfig()
     k_adapter, k_user, k_reply = jax.random.split(rng, 3)
     adapter = {}
-    for li, name in enumerate(tuned_layer_names(config.num_hidden_layers)):
+    for li, name in enumerate(tuned_layer_names(config.num_hidden_layers, tuned_layers)):
         layer = {}
         for ti, (target, (fan_in, fan_out)) in enumerate(_target_shapes(config).items()):
             key = jax.random.fold_in(k_adapter, 100 * li + ti)
@@ -161,7 +161,8 @@ def save_guard_params(params: GuardParams, path: str) -> None:
     arrays = {"format_version": np.asarray(FORMAT_VERSION, np.int32),
               "crisis/labels": np.asarray(("crisis",) + CRISIS_CATEGORIES, np.str_),
               "reply/labels": np.asarray(("harmful",) + REPLY_CATEGORIES, np.str_),
-              "adapter/lora_rank": np.asarray(LORA_RANK, np.int32)}
+              "adapter/lora_rank": np.asarray(LORA_RANK, np.int32),
+              "adapter/tuned_layers": np.asarray(len(params.adapter), np.int32)}
     arrays.update(_flatten(params.adapter, "adapter"))
     arrays.update(_flatten(params.crisis, "crisis"))
     arrays.update(_flatten(params.reply, "reply"))
@@ -194,13 +195,18 @@ def load_guard_params(path: str | None = None, encoder_config: encoder_lib.BertC
             return jnp.asarray(value)
         return value
 
-    if int(field("format_version")) != FORMAT_VERSION:
-        raise GuardFileError(f"{path}: field 'format_version' is {int(data['format_version'])}, expected "
-                             f"{FORMAT_VERSION} (retrain with tools/train_guard.py)")
+    version = int(field("format_version"))
+    if version not in (2, FORMAT_VERSION):
+        raise GuardFileError(f"{path}: field 'format_version' is {version}, expected 2 or {FORMAT_VERSION} "
+                             f"(retrain with tools/train_guard.py)")
+    tuned_layers = 2 if version == 2 else int(field("adapter/tuned_layers"))
+    if not 1 <= tuned_layers <= config.num_hidden_layers:
+        raise GuardFileError(f"{path}: field 'adapter/tuned_layers' is {tuned_layers}, expected 1.."
+                             f"{config.num_hidden_layers}")
     if int(field("adapter/lora_rank")) != LORA_RANK:
         raise GuardFileError(f"{path}: field 'adapter/lora_rank' is {int(data['adapter/lora_rank'])}, expected {LORA_RANK}")
     adapter = {}
-    for name in tuned_layer_names(config.num_hidden_layers):
+    for name in tuned_layer_names(config.num_hidden_layers, tuned_layers):
         layer = {}
         for target, (fan_in, fan_out) in _target_shapes(config).items():
             layer[target] = {"a": field(f"adapter/{name}/{target}/a", (fan_in, LORA_RANK)),
@@ -229,8 +235,8 @@ def _attention_bias(mask: jax.Array, dtype=jnp.float32) -> jax.Array:
 
 
 def lower_states(encoder_config: encoder_lib.BertConfig, encoder_params: Any, ids: jax.Array,
-                 mask: jax.Array) -> jax.Array:
-    """[B, T, 384]: embeddings and the frozen base layers (all but the top TUNED_LAYERS); the trainer caches these."""
+                 mask: jax.Array, tuned_layers: int = TUNED_LAYERS) -> jax.Array:
+    """[B, T, 384]: embeddings and the frozen base layers (all but the top tuned_layers); the trainer caches these."""
     c, p = encoder_config, encoder_params
     length = ids.shape[1]
     x = (jnp.take(p["word_embeddings"]["embedding"], ids, axis=0)
@@ -238,19 +244,25 @@ def lower_states(encoder_config: encoder_lib.BertConfig, encoder_params: Any, id
          + p["token_type_embeddings"]["embedding"][0][None, None])
     x = nn.LayerNorm(epsilon=c.layer_norm_eps).apply({"params": p["embeddings_norm"]}, x)
     bias = _attention_bias(mask, x.dtype)
-    tuned = set(tuned_layer_names(c.num_hidden_layers))
+    tuned = set(tuned_layer_names(c.num_hidden_layers, tuned_layers))
     for i in range(c.num_hidden_layers):
         if f"layer_{i}" not in tuned:
             x = encoder_lib.BertLayer(c).apply({"params": p[f"layer_{i}"]}, x, bias)
     return x
 
 
+def adapter_layer_names(adapter: Mapping[str, Any]) -> tuple[str, ...]:
+    """The adapted layers, bottom to top."""
+    return tuple(sorted(adapter, key=lambda name: int(name.split("_")[-1])))
+
+
 def adapted_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[str, Any]) -> dict:
-    """One top layer's params with its adapter merged (differentiable in the adapter)."""
+    """One layer's params for `BertLayer(lora_rank=LORA_RANK)`: the base kernels with the adapter's low-rank pair
+    beside them (lora_a, lora_b) and the LayerNorm offsets added (differentiable in the adapter)."""
     out = {k: dict(v) for k, v in base_layer.items()}
     for target in LORA_TARGETS:
-        a, b = adapter_layer[target]["a"], adapter_layer[target]["b"]
-        out[target]["kernel"] = base_layer[target]["kernel"] + (a @ b) * LORA_SCALE
+        out[target]["lora_a"] = adapter_layer[target]["a"]
+        out[target]["lora_b"] = adapter_layer[target]["b"]
     for norm in NORMS:
         out[norm] = {"scale": base_layer[norm]["scale"] + adapter_layer[norm]["scale"],
                      "bias": base_layer[norm]["bias"] + adapter_layer[norm]["bias"]}
@@ -258,13 +270,16 @@ def adapted_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[s
 
 
 def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, adapter: Mapping[str, Any],
-                   states: jax.Array, mask: jax.Array) -> jax.Array:
-    """Lower states [B, T, 384] -> the adapted top layers -> features [B, 1152] = [CLS, masked mean, masked max]."""
+                   states: jax.Array, mask: jax.Array, compute_dtype: str = "float32") -> jax.Array:
+    """Lower states [B, T, 384] -> the adapted top layers -> features [B, 1152] = [CLS, masked mean, masked max].
+    compute_dtype "bfloat16" (training) runs the base kernels on bf16 operands with float32 accumulation; the
+    adapters, attention and LayerNorms stay float32."""
     x = states.astype(jnp.float32)
     bias = _attention_bias(mask, x.dtype)
-    for name in tuned_layer_names(encoder_config.num_hidden_layers):
-        layer = adapted_layer_params(encoder_params[name], adapter[name])
-        x = encoder_lib.BertLayer(encoder_config).apply({"params": layer}, x, bias)
+    layer_module = encoder_lib.BertLayer(encoder_config, compute_dtype=compute_dtype, lora_rank=LORA_RANK,
+                                         lora_scale=LORA_SCALE)
+    for name in adapter_layer_names(adapter):
+        x = layer_module.apply({"params": adapted_layer_params(encoder_params[name], adapter[name])}, x, bias)
     m = (mask > 0)[..., None]
     mean = jnp.sum(jnp.where(m, x, 0.0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
     top = jnp.max(jnp.where(m, x, -1e4), axis=1)
@@ -274,7 +289,7 @@ def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, 
 def window_features(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
                     ids: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, T] rows ([CLS] content [SEP], right padding) -> features [B, 1152]."""
-    states = lower_states(encoder_config, encoder_params, ids, mask)
+    states = lower_states(encoder_config, encoder_params, ids, mask, len(params.adapter))
     return upper_features(encoder_config, encoder_params, params.adapter, states, mask)
 
 

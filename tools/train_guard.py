@@ -711,8 +711,10 @@ def _bucket(n: int) -> int:
 class LowerStates:
     """Frozen lower-layer states of windows ([CLS] content [SEP]), float16, cached by window under cache_dir."""
 
-    def __init__(self, encoder, cache_dir: str, batch_size: int = 64):
+    def __init__(self, encoder, cache_dir: str, tuned_layers: int, batch_size: int = 64):
+        cache_dir = os.path.join(cache_dir, f"tuned{tuned_layers}")  # states below the adapted layers
         self.encoder, self.cache_dir, self.batch_size = encoder, cache_dir, batch_size
+        self.tuned_layers = tuned_layers
         os.makedirs(cache_dir, exist_ok=True)
         self.index: dict[bytes, tuple[int, int]] = {}
         self.shards: list[np.ndarray] = []
@@ -724,7 +726,7 @@ class LowerStates:
                 self.index[k.tobytes()] = (len(self.shards), i)
             self.shards.append(states)
             self.lengths.append(lengths)
-        self.fn = jax.jit(G.lower_states, static_argnums=0)
+        self.fn = jax.jit(G.lower_states, static_argnums=(0, 4))
         self.seconds = 0.0
 
     @staticmethod
@@ -751,7 +753,7 @@ class LowerStates:
             mask = np.zeros((self.batch_size, length), np.int32)
             for r, w in enumerate(chunk):
                 ids[r, :len(w)], mask[r, :len(w)] = w, 1
-            x = self.fn(self.encoder.config, self.encoder.params, ids, mask)
+            x = self.fn(self.encoder.config, self.encoder.params, ids, mask, self.tuned_layers)
             states[lo:lo + len(chunk)] = np.asarray(x, np.float32)[:len(chunk)].astype(np.float16)
         keys = np.stack([np.frombuffer(self.key(w), np.uint8) for w in windows])
         lengths = np.asarray([len(w) for w in windows], np.int32)
@@ -789,11 +791,14 @@ class FitOptions:
     dropout: float = 0.1
     category_weight: float = 0.3
     warmup_steps: int = 100
+    tuned_layers: int = G.TUNED_LAYERS  # top MiniLM layers with adapters
+    compute_dtype: str = "bfloat16"  # the adapted layers' base matmuls in training (AMX); scoring is float32
 
 
-def _loss(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config, dropout, category_weight):
+def _loss(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config, opts: FitOptions):
     adapter, crisis, reply = train_params
-    feats = G.upper_features(config, frozen, adapter, states, mask)
+    feats = G.upper_features(config, frozen, adapter, states, mask, opts.compute_dtype)
+    dropout, category_weight = opts.dropout, opts.category_weight
     keep = jax.random.bernoulli(rng, 1.0 - dropout, feats.shape)
     feats = jnp.where(keep, feats / (1.0 - dropout), 0.0)
     logits = jnp.where(is_reply[:, None], G.mlp_logits(reply, feats), G.mlp_logits(crisis, feats))
@@ -805,7 +810,7 @@ def _loss(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config,
 def make_step(optimizer, config, opts: FitOptions):
     def step(train_params, opt_state, frozen, states, mask, y, w, cats, is_reply, rng):
         loss, grads = jax.value_and_grad(_loss)(train_params, frozen, states, mask, y, w, cats, is_reply, rng, config,
-                                                opts.dropout, opts.category_weight)
+                                                opts)
         updates, opt_state = optimizer.update(grads, opt_state, train_params)
         return optax.apply_updates(train_params, updates), opt_state, loss
 
@@ -845,7 +850,7 @@ def batches(rows: Sequence[Row], batch_size: int, rng: np.random.Generator):
 
 
 def fit(rows: list[Row], dev_fn: Callable, encoder, lower: LowerStates, opts: FitOptions, seed: int, log):
-    params = G.init_guard_params(jax.random.key(seed), encoder.config)
+    params = G.init_guard_params(jax.random.key(seed), encoder.config, tuned_layers=opts.tuned_layers)
     train_params = (params.adapter, params.crisis, params.reply)
     rng = np.random.default_rng(seed + 7)
     steps_per_epoch = len(batches(rows, opts.batch_size, np.random.default_rng(0)))
@@ -862,7 +867,7 @@ def fit(rows: list[Row], dev_fn: Callable, encoder, lower: LowerStates, opts: Fi
         ("adapter", "head", "head"))
     opt_state = optimizer.init(train_params)
     step = make_step(optimizer, encoder.config, opts)
-    frozen = {k: encoder.params[k] for k in G.tuned_layer_names(encoder.config.num_hidden_layers)}
+    frozen = {k: encoder.params[k] for k in params.adapter}
     key = jax.random.key(seed + 3)
     history, best = [], None
     for epoch in range(opts.epochs):
@@ -906,7 +911,7 @@ def score_messages(params, messages: Sequence[Message], tokens: Tokens, lower: L
         for j in range(lo, lo + n):
             roles[j] = role
     fn = _feature_fn(encoder.config)
-    frozen = {k: encoder.params[k] for k in G.tuned_layer_names(encoder.config.num_hidden_layers)}
+    frozen = {k: encoder.params[k] for k in params.adapter}
     order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
     bs = 64
     for lo in range(0, len(order), bs):
@@ -1183,6 +1188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", type=int, default=4, help="sampled expansions per round-1 pattern")
     ap.add_argument("--epochs", type=int, default=FitOptions.epochs)
+    ap.add_argument("--tuned_layers", type=int, default=FitOptions.tuned_layers, help="top MiniLM layers adapted")
+    ap.add_argument("--compute_dtype", default=FitOptions.compute_dtype, choices=("float32", "bfloat16"),
+                    help="the adapted layers' matmul operands in training")
     ap.add_argument("--cache_only", action="store_true", help="build and cache the lower-layer states, then stop")
     ap.add_argument("--eval_heldout", default=None, help="score a frozen evalsets/ folder with --out weights (once)")
     ap.add_argument("--report", default=None, help="where --eval_heldout writes its JSON (default: next to the set)")
@@ -1229,7 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     neg = {role: sum(r.weight for r in rows if r.role == role and not r.label) for role in ("user", "reply")}
     log(f"[data] {len(messages)} messages, {len(rows)} training windows; weight pos {pos} neg {neg} "
         f"({time.time() - t0:.0f}s)")
-    lower = LowerStates(encoder, args.cache_dir)
+    lower = LowerStates(encoder, args.cache_dir, args.tuned_layers)
     lower.ensure([r.ids for r in rows])
     groups = dev_groups(messages)
     groups["user_ordinary"] = _sample(groups["user_ordinary"], 500, np.random.default_rng(1))
@@ -1253,7 +1261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "ordinary_flags": round(float(np.mean(probs[f"{role}_ordinary"] >= thr)), 4)}
         return 0.5 * (report["user"]["recall_at_4pct_fa"] + report["reply"]["recall_at_4pct_fa"]), report
 
-    opts = FitOptions(epochs=args.epochs)
+    opts = FitOptions(epochs=args.epochs, tuned_layers=args.tuned_layers, compute_dtype=args.compute_dtype)
     params, fit_info = fit(rows, dev_fn, encoder, lower, opts, args.seed, log)
     base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
             "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}

@@ -21,12 +21,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from therapy_rl import ops
 
 # Padded sequence lengths for `SentenceEncoder.embed`; each length compiles once per batch size.
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
@@ -90,10 +92,42 @@ def _precision(config: BertConfig):
     return None if config.matmul_precision == "default" else jax.lax.Precision[config.matmul_precision.upper()]
 
 
+class AdaptableDense(nn.Module):
+    """`nn.Dense`'s parameters (kernel [in, out], bias [out]; same names and init), optionally with a low-rank
+    adapter (lora_a [in, r], lora_b [r, out]: y += x @ lora_a @ lora_b * lora_scale, kept float32) and bfloat16
+    operands with float32 accumulation for the base kernel (`ops.dense_matmul`). The result is float32."""
+
+    features: int
+    precision: Any = None
+    compute_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.compute_dtype == "float32":
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        else:
+            y = ops.dense_matmul(x, kernel, jnp.dtype(self.compute_dtype))
+        if self.lora_rank:
+            a = self.param("lora_a", nn.initializers.lecun_normal(), (x.shape[-1], self.lora_rank))
+            b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features))
+            low = jnp.dot(x.astype(jnp.float32), a, precision=self.precision)
+            y = y + jnp.dot(low, b, precision=self.precision) * self.lora_scale
+        return y + bias
+
+
 class BertLayer(nn.Module):
-    """One post-LayerNorm transformer block, parameters named after HF's BertLayer."""
+    """One post-LayerNorm transformer block, parameters named after HF's BertLayer. compute_dtype "bfloat16" runs
+    its dense layers on bf16 operands (float32 accumulation, attention and LayerNorms); lora_rank > 0 gives each
+    dense layer an adapter (`AdaptableDense`)."""
 
     config: BertConfig
+    compute_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, attention_bias):
@@ -102,7 +136,9 @@ class BertLayer(nn.Module):
         batch, length, hidden = x.shape
         heads = c.num_attention_heads
         head_dim = hidden // heads
-        dense = lambda n, name: nn.Dense(n, precision=prec, name=name)  # noqa: E731
+
+        def dense(n, name):
+            return AdaptableDense(n, prec, self.compute_dtype, self.lora_rank, self.lora_scale, name=name)
 
         def split(t):  # [B,T,H] -> [B,T,heads,head_dim]
             return t.reshape(batch, length, heads, head_dim)
