@@ -243,7 +243,7 @@ def profile_sft(args, peak: float) -> dict:
     flops = gpt2.flops_per_token(config, seq) * batch * seq
     return {"step": f"SFT step, GPT-2-small, batch {batch} x {seq}, {args.dtype}, dropout 0.1", "wall_ms": wall * 1e3,
             "limit_ms": flops / peak * 1e3, "limit": f"{flops / 1e9:.0f} GFLOP / {peak / 1e9:.0f} GFLOP/s matmul peak",
-            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls)}
+            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls, args.top_ops)}
 
 
 def profile_sampler(args, peak: float, bandwidth: float) -> dict:
@@ -281,7 +281,7 @@ def profile_sampler(args, peak: float, bandwidth: float) -> dict:
                       f"{step_flops / 1e9:.1f} GFLOP / {peak / 1e9:.0f} GFLOP/s) = {limit_step * 1e3:.1f} ms; "
                       f"prefill {prefill_flops / 1e9:.0f} GFLOP"),
             "limit_ms_per_decode_step": limit_step * 1e3,
-            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls)}
+            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls, args.top_ops)}
 
 
 def profile_ppo(args, peak: float, bandwidth: float) -> dict:
@@ -310,7 +310,7 @@ def profile_ppo(args, peak: float, bandwidth: float) -> dict:
             "limit_ms": limit_s * 1e3,
             "limit": (f"update {update_flops / 1e12:.1f} TFLOP / {peak / 1e9:.0f} GFLOP/s = {update_flops / peak:.1f} s, "
                       f"rollout {rollout_s:.1f} s ({1e3 * step_s:.1f} ms per decode step)"),
-            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls)}
+            "table": profile_table(rows, load_dumped_modules(_DUMP_DIR), args.calls, args.top_ops)}
 
 
 # ---------------------------------------------------------------------------------------------- printing
@@ -340,6 +340,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--preset", default="small", help="ppo: a bench/ppo_iter.py preset (tiny, small, gpt2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="model.dtype (bfloat16 = bf16 operands, f32 accumulation and weights)")
+    parser.add_argument("--top_ops", type=int, default=12, help="how many single HLO ops the tables list")
     parser.add_argument("--json", default="", help="write the results here")
     parser.add_argument("--markdown", default="", help="write the tables here")
     args = parser.parse_args(argv)

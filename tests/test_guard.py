@@ -156,6 +156,68 @@ def test_lower_and_upper_layers_equal_the_encoder(tiny):
     np.testing.assert_allclose(np.asarray(feats[0, 384:768]), mean, atol=1e-5)
 
 
+def _merged_layer_reference(config, base_layer, adapter_layer, x, bias):
+    """The adapted layer with its adapter merged into the kernels (kernel + a @ b * LORA_SCALE), through the plain
+    encoder layer: what the low-rank pair beside the kernel must compute."""
+    merged = {k: dict(v) for k, v in base_layer.items()}
+    for target in G.LORA_TARGETS:
+        a, b = (np.asarray(adapter_layer[target][n], np.float64) for n in ("a", "b"))
+        merged[target]["kernel"] = jnp.asarray(np.asarray(base_layer[target]["kernel"], np.float64)
+                                               + a @ b * G.LORA_SCALE, jnp.float32)
+    for norm in G.NORMS:
+        merged[norm] = {k: base_layer[norm][k] + adapter_layer[norm][k] for k in ("scale", "bias")}
+    return E.BertLayer(config).apply({"params": merged}, x, bias)
+
+
+@pytest.mark.parametrize("tuned_layers", [1, 2])
+def test_adapted_layers_equal_merged_kernels(tiny, tuned_layers):
+    """Non-zero adapters on the top `tuned_layers` layers: lower_states + upper_features equal the encoder run with
+    each adapter merged into its kernels."""
+    config, enc_params, _ = tiny
+    params = G.init_guard_params(jax.random.key(7), config, tuned_layers=tuned_layers)
+    adapter = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape), params.adapter)
+    params = params.replace(adapter=adapter)
+    assert G.adapter_layer_names(adapter) == G.tuned_layer_names(2, tuned_layers)
+    ids, mask = _row([int(x) for x in np.random.default_rng(8).integers(1000, 1999, 20)], 32)
+    feats = G.window_features(params, config, enc_params, jnp.asarray(ids), jnp.asarray(mask))
+    x = G.lower_states(config, enc_params, jnp.asarray(ids), jnp.asarray(mask), 2)  # embeddings only
+    bias = jnp.where(jnp.asarray(mask)[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    for i in range(2):
+        name = f"layer_{i}"
+        if name in adapter:
+            x = _merged_layer_reference(config, enc_params[name], adapter[name], x, bias)
+        else:
+            x = E.BertLayer(config).apply({"params": enc_params[name]}, x, bias)
+    np.testing.assert_allclose(np.asarray(feats[0, :384]), np.asarray(x[0, 0]), atol=2e-4)
+    n = int(mask.sum())
+    np.testing.assert_allclose(np.asarray(feats[0, 384:768]), np.asarray(x[0, :n]).mean(0), atol=2e-4)
+
+
+def test_bf16_training_features_track_float32_and_give_adapter_gradients(tiny):
+    """The trainer's bf16 path (base kernels on bf16 operands, f32 accumulation; adapters f32) stays close to the
+    float32 features, and its adapter gradient points the same way as float32's."""
+    config, enc_params, params = tiny
+    ids, mask = _row([int(x) for x in np.random.default_rng(9).integers(1000, 1999, 24)], 32)
+    states = G.lower_states(config, enc_params, jnp.asarray(ids), jnp.asarray(mask), len(params.adapter))
+    frozen = {k: enc_params[k] for k in params.adapter}
+
+    def loss(adapter, dtype):
+        feats = G.upper_features(config, frozen, adapter, states, jnp.asarray(mask), dtype)
+        return jnp.sum(G.mlp_logits(params.crisis, feats)[:, 0]), feats
+
+    (l32, f32), g32 = jax.value_and_grad(loss, has_aux=True)(params.adapter, "float32")
+    (l16, f16), g16 = jax.value_and_grad(loss, has_aux=True)(params.adapter, "bfloat16")
+    assert f16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(f16 - f32) / jnp.linalg.norm(f32))
+    assert rel < 2e-2, rel
+    a = np.concatenate([np.ravel(v) for v in jax.tree.leaves(g32)])
+    b = np.concatenate([np.ravel(v) for v in jax.tree.leaves(g16)])
+    assert np.all(np.isfinite(b)) and np.linalg.norm(b) > 0
+    assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.99
+    hlo = jax.jit(lambda ad: jax.grad(lambda p: loss(p, "bfloat16")[0])(ad)).lower(params.adapter).as_text()
+    assert "bf16" in hlo
+
+
 def test_window_probabilities_equal_scoring_each_window(tiny):
     config, enc_params, params = tiny
     content = [int(x) for x in np.random.default_rng(3).integers(1000, 1999, 150)]
@@ -207,6 +269,27 @@ def test_guard_params_round_trip_and_bad_fields(tmp_path, tiny):
     np.savez(str(tmp_path / "shape.npz"), **broken)
     with pytest.raises(G.GuardFileError, match="adapter/layer_1/query/a"):
         G.load_guard_params(str(tmp_path / "shape.npz"), config)
+    broken = dict(data, **{"adapter/tuned_layers": np.asarray(7, np.int32)})
+    np.savez(str(tmp_path / "layers.npz"), **broken)
+    with pytest.raises(G.GuardFileError, match="adapter/tuned_layers"):
+        G.load_guard_params(str(tmp_path / "layers.npz"), config)
+
+
+def test_guard_file_stores_its_adapted_layers_and_reads_format_2(tmp_path, tiny):
+    """Format 3 stores how many layers carry adapters; a format-2 file (no such field) means the top two."""
+    config, _, _ = tiny
+    one = G.init_guard_params(jax.random.key(3), config, tuned_layers=1)
+    path = str(tmp_path / "one.npz")
+    G.save_guard_params(one, path)
+    assert set(G.load_guard_params(path, config).adapter) == {"layer_1"}
+    two = G.init_guard_params(jax.random.key(3), config, tuned_layers=2)
+    G.save_guard_params(two, path)
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    del data["adapter/tuned_layers"]
+    data["format_version"] = np.asarray(2, np.int32)
+    np.savez(str(tmp_path / "v2.npz"), **data)
+    assert set(G.load_guard_params(str(tmp_path / "v2.npz"), config).adapter) == {"layer_0", "layer_1"}
 
 
 def test_shipped_weights_are_small_and_load():

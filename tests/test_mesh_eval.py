@@ -91,6 +91,28 @@ def test_two_processes_of_two_devices_equal_one_device(quickstart_sft_workdir, o
     assert "report " in logs[0] and "report " not in logs[1]  # one writer, one summary
 
 
+def test_two_processes_stop_when_process_0_cannot_read_decoding_json(quickstart_sft_workdir, tmp_path):
+    """Only process 0 reads decoding.json. When that fails, every process exits with an error (before, process 1
+    waited forever on the next collective)."""
+    workdir = str(tmp_path / "mp_bad")
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "decoding.json"), "w") as f:
+        json.dump({"chosen_on_split": "val"}, f)  # no "settings"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PORT=str(20000 + (os.getpid() + 11) % 20000))
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    flags = [f"--config.checkpoint={quickstart_sft_workdir}", "--config.decoding_search.enabled=True"]
+    with open(tmp_path / "launch.log", "w") as log:
+        rc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "2", "configs/eval_quickstart.py", workdir,
+                             *flags], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    logs = [open(f"{workdir}.proc{i}.log").read() for i in range(2)]
+    assert rc != 0, "\n".join(log[-2000:] for log in logs)
+    assert "decoding.json: field 'settings' is missing" in logs[0], logs[0][-2000:]
+    assert "process 0 could not read the saved decoding settings" in logs[1], logs[1][-2000:]
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+
+
 def test_eval_batch_must_split_over_the_mesh(quickstart_sft_workdir, tmp_path):
     config = eval_config(quickstart_sft_workdir, eval_batch_size=6)
     with pytest.raises(errors.ConfigError, match="eval_batch_size=6: must be a multiple of"):

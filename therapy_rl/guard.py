@@ -3,9 +3,10 @@
     check(text, role="user"|"reply", history=()) -> GuardResult(crisis, harmful, categories, score)
     python -m therapy_rl.guard < requests.jsonl        # {"text", "role", "history"} -> one JSON verdict a line
 
-The model (guard v2): the project's MiniLM (all-MiniLM-L6-v2 from the pip package) with its top TUNED_LAYERS
-transformer layers fine-tuned through low-rank adapters (LoRA, rank LORA_RANK, on every dense kernel of those
-layers, plus LayerNorm offsets), and one small head per role over [CLS, mean, max] of the last layer's token states.
+The model: the project's MiniLM (all-MiniLM-L6-v2 from the pip package) with its top transformer layers (how many
+is stored in the weights file) fine-tuned through low-rank adapters (LoRA, rank LORA_RANK, beside every dense kernel
+of those layers, plus LayerNorm offsets), and one small head per role over [CLS, mean, max] of the last layer's
+token states.
 Only the adapters and heads are stored (`rewards/weights/guard.npz`, ~2 MB); the base weights come from the package.
 
 How a text is read (every token, any length):
@@ -88,7 +89,7 @@ class GuardParams:
     """Adapters, two heads and the decision thresholds (all arrays; a pytree).
 
     adapter: {"layer_<i>": {target: {"a": [in, r], "b": [r, out]}, norm: {"scale": [384], "bias": [384]}}} for the
-             top TUNED_LAYERS layers: kernel += a @ b * LORA_SCALE; LayerNorm scale/bias += the offsets.
+             adapted top layers: y += x @ a @ b * LORA_SCALE beside each kernel; LayerNorm scale/bias += offsets.
     crisis:  w_hidden [1152, H], b_hidden [H], w_out [H, 1 + 6], b_out [7]: logit 0 = crisis, then CRISIS_CATEGORIES.
     reply:   the same shapes; logit 0 = harmful, then REPLY_CATEGORIES.
     thresholds: THRESHOLD_KEYS -> scalar probabilities.

@@ -392,21 +392,40 @@ def _choose_decoding(config, workdir, run, generator, data_cfg, meteor_variant) 
     from therapy_rl.data import pipeline
 
     search = config.decoding_search
-    first = jax.process_index() == 0
-    search_now = search.enabled and (search.redo or (first and decoding_search.load_decoding(workdir) is None))
-    if bool(from_process_0(np.asarray([search_now], np.int32))[0]):
+    search_now, saved, failure = _process_0_reads_decoding(config, workdir, run)
+    # Every process learns process 0's decision, and whether its reading failed (none waits on a later collective).
+    search_now, failed = (bool(x) for x in from_process_0(np.asarray([search_now, failure is not None], np.int32)))
+    if failed:
+        if failure is not None:
+            raise failure
+        raise errors.InputError("process 0 could not read the saved decoding settings (its log names the file)")
+    if search_now:
         samples = pipeline.load_samples(data_cfg, (search.split,))[search.split]
         arrays = pipeline.encode_split(generator.tok, data_cfg, samples, with_sft=False, name=search.split)
         payload = run_search(config, workdir, generator, generator.tok, arrays, meteor_variant)
         return payload, f"a decoding search in this run ({os.path.join(workdir, decoding_search.DECODING_FILE)})"
-    if first and (search.enabled or config.use_saved_decoding):
-        payload, path = saved_decoding(workdir, run)
-        if payload is not None:
-            print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
-                  f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
-                                                     if search.enabled else ""))
-            return payload, f"{path} (reused)"
+    payload, path = saved
+    if payload is not None:
+        print(f"[eval] decoding settings {payload['settings']} from {path}, chosen on split "
+              f"{payload['chosen_on_split']}" + ("; set decoding_search.redo=True to search again"
+                                                 if search.enabled else ""))
+        return payload, f"{path} (reused)"
     return None, "config.sampling"
+
+
+def _process_0_reads_decoding(config, workdir, run) -> tuple[bool, tuple[dict | None, str | None], Exception | None]:
+    """(search now?, (saved decoding.json, its path), the error reading it): process 0 reads the files; the others
+    only know whether a search is forced (decoding_search.redo)."""
+    search = config.decoding_search
+    if jax.process_index() != 0:
+        return search.enabled and search.redo, (None, None), None
+    try:
+        search_now = search.enabled and (search.redo or decoding_search.load_decoding(workdir) is None)
+        if search_now or not (search.enabled or config.use_saved_decoding):
+            return search_now, (None, None), None
+        return False, saved_decoding(workdir, run), None
+    except (errors.InputError, OSError, ValueError) as e:
+        return False, (None, None), e
 
 
 # ------------------------------------------------------------------------------------------ outputs
