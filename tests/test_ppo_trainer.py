@@ -137,7 +137,7 @@ def test_kl_coef_is_read_from_state_without_recompiling(single):
                "response_mask": sample.response_mask, "valid": batch["valid"],
                "scores": jax.device_put(jnp.linspace(-1.0, 1.0, BATCH), parallel.batch_sharding(mesh, 1)),
                "scores_after_clip": jax.device_put(jnp.zeros(BATCH), parallel.batch_sharding(mesh, 1)),
-               "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden}
+               "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden, "rollout_entropy": sample.entropy}
 
     def run(coef):
         host = jax.device_get(state)
@@ -184,7 +184,8 @@ def test_rollout_logprobs_and_hidden_replace_the_old_forward_pass(separate_criti
             assert (sample.hidden is None) == separate_critic
             rollout = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                        "tokens": sample.tokens, "response_mask": sample.response_mask,
-                       "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden}
+                       "rollout_logp": sample.logprobs, "rollout_hidden": sample.hidden,
+                       "rollout_entropy": sample.entropy}
             if separate_critic:
                 rollout.pop("rollout_hidden")
             reused = jax.jit(lambda p, r: ppo_step.rollout_logp_and_values(spec, p, r, r))(state.params, rollout)
@@ -193,10 +194,19 @@ def test_rollout_logprobs_and_hidden_replace_the_old_forward_pass(separate_criti
             assert mask.sum() > BATCH and (mask == 0).any()  # real responses, some ended early
             for got, want in zip(reused, forward):
                 np.testing.assert_allclose(np.asarray(got), np.where(mask == 1, np.asarray(want), 0), atol=2e-5)
+            # the sampler's entropy equals the teacher-forced policy's (the metric the update then leaves out)
+            entropy = jax.jit(lambda p, r: policy.policy_outputs(spec, p, r, with_entropy=True)[2])(state.params,
+                                                                                                   rollout)
+            np.testing.assert_allclose(np.asarray(sample.entropy), np.where(mask == 1, np.asarray(entropy), 0),
+                                       atol=2e-5)
+            start_entropy = float(np.sum(np.asarray(entropy) * mask) / mask.sum())
         result = trainer.run_iteration(stages, state, ref, batch)
         results[reuse] = (jax.device_get(result.state.params), result.metrics, np.asarray(result.tokens))
     (p_reuse, m_reuse, t_reuse), (p_pass, m_pass, t_pass) = results[True], results[False]
     np.testing.assert_array_equal(t_reuse, t_pass)
+    assert "policy/entropy_avg" not in m_reuse and "policy/entropy" not in m_pass
+    assert m_reuse["policy/entropy"] == pytest.approx(start_entropy, rel=1e-5)  # the rollout's, before the update
+    assert m_pass["policy/entropy_avg"] == pytest.approx(start_entropy, rel=0.05)  # during the update
     for key in ("objective/kl", "loss/policy_avg", "loss/value_avg", "value/mean"):
         np.testing.assert_allclose(m_reuse[key], m_pass[key], atol=1e-5, rtol=1e-4, err_msg=key)
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), p_reuse, p_pass)

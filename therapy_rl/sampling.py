@@ -60,6 +60,7 @@ class SampleOutput(NamedTuple):
     logprobs: jax.Array  # [B, N] float32; raw model log p (T=1, unfiltered) of the chosen token; 0 where masked
     sampling_logprobs: jax.Array  # [B, N] float32; log p under the filtered, tempered distribution; 0 for greedy
     hidden: Optional[jax.Array] = None  # [B, N, D] final hidden state that predicted each token (with_hidden only)
+    entropy: Optional[jax.Array] = None  # [B, N] entropy of softmax(raw logits) at each token (with_entropy only)
 
 
 # ----------------------------------------------------------------------------------------------- plan and knobs
@@ -270,6 +271,13 @@ def _chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _entropy(logits: jax.Array) -> jax.Array:
+    """Entropy of softmax(logits [B, V]) per row, float32."""
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig | SamplingPlan,
                  knobs: Optional[SamplingKnobs] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row from logits [B, V] -> (tokens [B] int32, raw logprob [B], sampling logprob [B]).
@@ -314,19 +322,21 @@ class _LoopState(NamedTuple):
     tokens: jax.Array  # [B, N]
     logprobs: jax.Array
     sampling_logprobs: jax.Array
+    entropy: Optional[jax.Array]  # [B, N] or None (not tracked)
     rng: jax.Array
     model_state: object
 
 
 def sample_loop(first_logits: jax.Array, step_fn: StepFn, model_state, rng: jax.Array,
                 sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
-                knobs: Optional[SamplingKnobs] = None) -> SampleOutput:
-    return sample_loop_with_state(first_logits, step_fn, model_state, rng, sampling, active, knobs)[0]
+                knobs: Optional[SamplingKnobs] = None, with_entropy: bool = False) -> SampleOutput:
+    return sample_loop_with_state(first_logits, step_fn, model_state, rng, sampling, active, knobs, with_entropy)[0]
 
 
 def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: jax.Array,
                            sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
-                           knobs: Optional[SamplingKnobs] = None) -> Tuple[SampleOutput, object]:
+                           knobs: Optional[SamplingKnobs] = None,
+                           with_entropy: bool = False) -> Tuple[SampleOutput, object]:
     """Decode `sampling.max_new_tokens` tokens; the model is reached only through `step_fn`.
 
     first_logits [B, V] are the logits for token 0 (from the prefill). Each step splits the carried key,
@@ -334,7 +344,8 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: j
     is finished. `active` [B] bool (default all) marks rows to decode; inactive rows are finished from
     the start and return only padding. `sampling` is a SamplingConfig, or a SamplingPlan with `knobs`.
     `step_fn` may also be a sequence of (end step, StepFn): one while loop each, in order, the i-th running the
-    steps before its end (a decode whose static shapes grow by segment). Returns (the output, the final state).
+    steps before its end (a decode whose static shapes grow by segment). `with_entropy` also records the entropy
+    of each step's raw logits (PPO logs the policy's entropy from it). Returns (the output, the final state).
     """
     sampling, knobs = _plan_and_knobs(sampling, knobs)
     batch = first_logits.shape[0]
@@ -349,7 +360,11 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: j
         tokens = jnp.where(live, tokens, pad)
         lp, slp = jnp.where(live, lp, 0.0), jnp.where(live, slp, 0.0)
         at = (0, state.step)
+        entropy = state.entropy
+        if entropy is not None:
+            entropy = lax.dynamic_update_slice(entropy, jnp.where(live, _entropy(logits), 0.0)[:, None], at)
         return state._replace(
+            entropy=entropy,
             last_tokens=tokens,
             finished=state.finished | (live & (tokens == eos)),
             tokens=lax.dynamic_update_slice(state.tokens, tokens[:, None], at),
@@ -366,6 +381,7 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: j
         tokens=jnp.full((batch, n_new), pad, jnp.int32),
         logprobs=jnp.zeros((batch, n_new), jnp.float32),
         sampling_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+        entropy=jnp.zeros((batch, n_new), jnp.float32) if with_entropy else None,
         rng=rng,
         model_state=model_state,
     )
@@ -382,16 +398,18 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: j
             return emit(s._replace(rng=rng, model_state=model_state), logits, key)
 
         state = lax.while_loop(cond, body, state)
-    return _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0), state.model_state
+    output = _finish(state.tokens, state.logprobs, state.sampling_logprobs, eos, finished0, state.entropy)
+    return output, state.model_state
 
 
-def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive) -> SampleOutput:
+def _finish(tokens, logprobs, sampling_logprobs, eos: int, inactive, entropy=None) -> SampleOutput:
     """response_mask = 1 up to and including the first EOS (all ones without one); 0 for inactive rows."""
     is_eos = (tokens == eos).astype(jnp.int32)
     eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS strictly before each position
     mask = ((eos_before == 0) & ~inactive[:, None]).astype(jnp.int32)
     return SampleOutput(tokens=tokens, response_mask=mask, lengths=mask.sum(-1).astype(jnp.int32),
-                        logprobs=logprobs * mask, sampling_logprobs=sampling_logprobs * mask)
+                        logprobs=logprobs * mask, sampling_logprobs=sampling_logprobs * mask,
+                        entropy=None if entropy is None else entropy * mask)
 
 
 # ----------------------------------------------------------------------------------------------- GPT-2
@@ -409,7 +427,7 @@ def weights_in_compute_dtype(params, config):
 def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
              sampling: SamplingConfig | SamplingPlan, active: Optional[jax.Array] = None,
              knobs: Optional[SamplingKnobs] = None, with_hidden: bool = False,
-             decode_block: Optional[int] = None) -> SampleOutput:
+             decode_block: Optional[int] = None, with_entropy: bool = False) -> SampleOutput:
     """Sample `sampling.max_new_tokens` tokens after left-padded prompts [B, P] (mask 1 on real tokens).
 
     The prompt is prefilled into a cache block of P slots; generated tokens go into blocks of `decode_block`
@@ -419,7 +437,8 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
     the prompt batch's `valid`) marks rows to decode; inactive rows return pad_id with an all-zero response_mask and do not keep the loop
     running. Rows whose prompt is all padding but are active decode from position 0. `sampling` is a
     SamplingConfig, or a SamplingPlan with (traced) `knobs`. `with_hidden` also returns the final hidden state
-    behind each token's logits (PPO's value head reads them instead of running the trunk again).
+    behind each token's logits (PPO's value head reads them instead of running the trunk again); `with_entropy`
+    the entropy of each token's raw logits.
     """
     batch, prompt_len = prompt_ids.shape
     total = prompt_len + sampling.max_new_tokens
@@ -496,7 +515,7 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
         hidden = jnp.zeros((batch, n_new, last.shape[-1]), last.dtype)
         hidden = lax.dynamic_update_slice(hidden, last, (0, 0, 0))
     output, (_, hidden) = sample_loop_with_state(first_logits, step_fns, (cache, hidden), rng, sampling,
-                                                 active=active, knobs=knobs)
+                                                 active=active, knobs=knobs, with_entropy=with_entropy)
     return output if hidden is None else output._replace(hidden=hidden)
 
 
@@ -510,9 +529,9 @@ def decode_block_size(max_new_tokens: int) -> int:
 
 
 def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, with_hidden: bool = False,
-                     **jit_kwargs) -> "Sampler":
+                     with_entropy: bool = False, **jit_kwargs) -> "Sampler":
     """`fn(params, prompt_ids, prompt_mask, rng, active=None) -> SampleOutput`, jitted for these static configs
-    (`with_hidden`: see `generate`).
+    (`with_hidden`, `with_entropy`: see `generate`).
 
     Temperature, top_k and top_p are traced: without `jit_kwargs`, every SamplingConfig with the same plan
     (`split_sampling`) shares one compiled program. `jit_kwargs` go to `jax.jit` (e.g. in_shardings /
@@ -520,11 +539,11 @@ def make_generate_fn(model_config: GPT2Config, sampling: SamplingConfig, with_hi
     """
     plan, knobs = split_sampling(sampling)
     if not jit_kwargs:
-        return Sampler(_shared_generate(model_config, plan, with_hidden), knobs)
+        return Sampler(_shared_generate(model_config, plan, with_hidden, with_entropy), knobs)
     in_shardings = jit_kwargs.get("in_shardings")
     if isinstance(in_shardings, (tuple, list)):  # the knobs come first, replicated
         jit_kwargs = dict(jit_kwargs, in_shardings=(_replicated_like(in_shardings), *in_shardings))
-    return Sampler(_jit_generate(model_config, plan, jit_kwargs, with_hidden), knobs)
+    return Sampler(_jit_generate(model_config, plan, jit_kwargs, with_hidden, with_entropy), knobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,17 +581,19 @@ class _BoundStage:
         return self.stage(self.knobs, *args)
 
 
-def _jit_generate(model_config: GPT2Config, plan: SamplingPlan, jit_kwargs, with_hidden: bool = False):
+def _jit_generate(model_config: GPT2Config, plan: SamplingPlan, jit_kwargs, with_hidden: bool = False,
+                  with_entropy: bool = False):
     def knobbed(knobs, params, prompt_ids, prompt_mask, rng, active=None):
         return generate(params, model_config, prompt_ids, prompt_mask, rng, plan, active=active, knobs=knobs,
-                        with_hidden=with_hidden)
+                        with_hidden=with_hidden, with_entropy=with_entropy)
 
     return jax.jit(knobbed, **jit_kwargs)
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_generate(model_config: GPT2Config, plan: SamplingPlan, with_hidden: bool = False):
-    return _jit_generate(model_config, plan, {}, with_hidden)
+def _shared_generate(model_config: GPT2Config, plan: SamplingPlan, with_hidden: bool = False,
+                     with_entropy: bool = False):
+    return _jit_generate(model_config, plan, {}, with_hidden, with_entropy)
 
 
 def _replicated_like(in_shardings):

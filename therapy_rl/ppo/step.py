@@ -18,6 +18,7 @@ The KL coefficient lives in the state and enters as an argument, so changing it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -127,15 +128,17 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
 
     rollout: prompt_ids [B, P], prompt_mask [B, P], tokens [B, N], response_mask [B, N] (1 through the first EOS),
     valid [B], scores [B] (raw, from the reward), scores_after_clip [B] (optional: the part of `scores` the reward
-    added after its own clip, kept out of `score_clip`). Metrics use TRL's names (but `value/...` for TRL's `val/...`);
+    added after its own clip, kept out of `score_clip`); from the sampler (`trainer.build_stages(reuse_rollout)`):
+    rollout_logp [B, N], rollout_entropy [B, N] and, with the shared trunk, rollout_hidden [B, N, D]. Metrics use
+    TRL's names (but `value/...` for TRL's `val/...`);
     per-mini-batch losses are averaged over epochs x mini-batches and carry an `_avg` suffix (TRL 1.x).
     """
     loss_cfg = hyper.loss
-    need_entropy = True  # logged as policy/entropy_avg; only differentiated when entropy_coef != 0
-
     aux_coef = families.aux_loss_coef(spec.model_config)  # MoE load balancing; 0 for dense models
 
-    def loss_fn(params, micro, rng, denominator):
+    def loss_fn(params, micro, rng, denominator, need_entropy):
+        # need_entropy: policy/entropy_avg in every mini-batch (when the rollout brings no entropy, or a bonus
+        # differentiates it)
         if aux_coef:
             logp, values, entropy, aux = policy.policy_outputs(spec, params, micro, rng, with_entropy=need_entropy,
                                                                entropy_grad=loss_cfg.entropy_coef != 0,
@@ -147,14 +150,14 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
                                                       entropy_grad=loss_cfg.entropy_coef != 0)
         return core.ppo_loss(logp, values, micro, loss_cfg, denominator, entropy)
 
-    def minibatch_update(carry, minibatch):
+    def minibatch_update(carry, minibatch, need_entropy):
         params, opt_state, index, base_key = carry
         denominator = core.loss_denominator(minibatch["response_mask"], loss_cfg.aggregation)
         keys = (jax.random.split(jax.random.fold_in(base_key, index), hyper.grad_accum_steps) if spec.dropout
                 else None)
         _, grads, metrics = ops.accumulate_gradients(
-            lambda p, micro, rng: loss_fn(p, micro, rng, denominator), params, minibatch, hyper.grad_accum_steps,
-            keys, policy.trainable_mask(spec, params))
+            lambda p, micro, rng: loss_fn(p, micro, rng, denominator, need_entropy), params, minibatch,
+            hyper.grad_accum_steps, keys, policy.trainable_mask(spec, params))
         grads, skipped = core.gate_on_ratio(grads, metrics["policy/ratio_mean"], hyper.ratio_threshold)
         metrics["policy/grad_norm"] = optax.tree.norm(grads)
         metrics["policy/skipped"] = skipped.astype(jnp.float32)
@@ -184,7 +187,11 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         schedule = core.ppo_minibatch_schedule(jax.random.fold_in(key, 0), batch_size, hyper.num_minibatches,
                                                hyper.num_epochs)
         carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32), jax.random.fold_in(key, 1))
-        (params, opt_state, _, _), mb_metrics = core.run_minibatch_epochs(minibatch_update, carry, train_batch,
+        # The sampler's entropy of the rollout stands in for the per-mini-batch entropy metric (a vocab-wide pass
+        # in every epoch's loss) unless an entropy bonus needs it differentiated.
+        rollout_entropy = rollout.get("rollout_entropy") if loss_cfg.entropy_coef == 0 else None
+        update_fn = functools.partial(minibatch_update, need_entropy=rollout_entropy is None)
+        (params, opt_state, _, _), mb_metrics = core.run_minibatch_epochs(update_fn, carry, train_batch,
                                                                           schedule)
         kl = core.kl_controller_update(core.KLControllerState(state.kl_coef), stats["objective/kl"],
                                        jnp.asarray(batch_size, jnp.float32), hyper.kl)
@@ -192,6 +199,8 @@ def make_update_step(spec: policy.PolicySpec, hyper: PPOHyper,
         metrics = dict(stats)
         for name, value in mb_metrics.items():
             metrics[f"{name}_avg"] = jnp.mean(value)
+        if rollout_entropy is not None:  # the policy before this update, on its own samples
+            metrics["policy/entropy"] = core.aggregate(rollout_entropy, mask, loss_cfg.aggregation)
         metrics["policy/ratio"] = jnp.mean(mb_metrics["policy/ratio_mean"])  # TRL: val/ratio
         metrics["policy/ratio_var"] = jnp.var(mb_metrics["policy/ratio_mean"])
         metrics["objective/non_score_reward"] = core.masked_mean(

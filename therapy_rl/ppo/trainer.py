@@ -119,7 +119,8 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
                  reuse_rollout: bool = True) -> Stages:
     """`reuse_rollout`: the update reads the old log-probs from the sampler (and, with the shared trunk, the
     hidden states under the value head) instead of running the policy on the rollout again; only when the
-    log-probs are the sampler's raw ones (logprob_temperature 1)."""
+    log-probs are the sampler's raw ones (logprob_temperature 1). The policy's entropy is then logged from the
+    sampler too (`policy/entropy`, before the update) instead of in every mini-batch (`policy/entropy_avg`)."""
     from therapy_rl import parallel, sampling
 
     if sampling_config.max_new_tokens + prompt_length > spec.model_config.n_positions:
@@ -131,9 +132,10 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
     reuse_rollout = reuse_rollout and spec.logprob_temperature == 1.0
     with_hidden = reuse_rollout and not spec.separate_critic
     generate = sampling.make_generate_fn(
-        spec.model_config, sampling_config, with_hidden=with_hidden,
+        spec.model_config, sampling_config, with_hidden=with_hidden, with_entropy=reuse_rollout,
         in_shardings=(trunk_sh, b2, b2, parallel.replicated(mesh)),
-        out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2, b3 if with_hidden else None))
+        out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2, b3 if with_hidden else None,
+                                            b2 if reuse_rollout else None))
     example = {"prompt_ids": np.zeros((batch_size, prompt_length), np.int32),
                "prompt_mask": np.zeros((batch_size, prompt_length), np.int32),
                "tokens": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
@@ -142,6 +144,7 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
                "scores_after_clip": np.zeros((batch_size,), np.float32)}
     if reuse_rollout:
         example["rollout_logp"] = np.zeros((batch_size, sampling_config.max_new_tokens), np.float32)
+        example["rollout_entropy"] = np.zeros((batch_size, sampling_config.max_new_tokens), np.float32)
     if with_hidden:
         example["rollout_hidden"] = np.zeros((batch_size, sampling_config.max_new_tokens,
                                               spec.model_config.n_embd), np.float32)
@@ -225,6 +228,7 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
                "response_mask": mask, "valid": valid, "scores": raw_scores, "scores_after_clip": after_clip}
     if stages.reuse_rollout:
         rollout["rollout_logp"] = sample.logprobs
+        rollout["rollout_entropy"] = sample.entropy
         if sample.hidden is not None:
             rollout["rollout_hidden"] = sample.hidden
     state, update_metrics = stages.update(state, ref_params, rollout)
