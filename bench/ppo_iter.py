@@ -2,6 +2,7 @@
 
     python bench/ppo_iter.py --preset small --iterations 2            # both frameworks
     python bench/ppo_iter.py --preset gpt2 --framework jax             # only ours
+    python bench/ppo_iter.py --preset gpt2 --isolate                   # each framework's round in a fresh process
 
 Both sides get the same random GPT-2 weights (built locally, saved as safetensors and loaded by each side),
 the same prompts (batch 16, left-padded, 64 slots), 128 sampled new tokens (temperature 1, no top-k/top-p, no EOS
@@ -15,6 +16,8 @@ Wall and process CPU time are both reported (the CPU time is less sensitive to o
 Time split: rollout = generation; reward = the reward function; update = everything else of the iteration
 (reference/value/old log-prob forwards, GAE, the PPO epochs). The first iteration of each side is a warm-up
 (XLA compilation for ours) and is reported separately; the steady-state numbers are the median of the rest.
+`--isolate` runs each framework's round in its own fresh process (same environment, e.g. the same allocator), so
+no memory, thread pool or allocator state carries over from one side to the other.
 Needs `pip install trl==1.12.0` (the bench environment); runs offline on CPU.
 """
 from __future__ import annotations
@@ -200,6 +203,20 @@ def bench_trl(model_dir: str, iterations: int, dtype: str = "float32") -> dict:
     return summarise(rows)
 
 
+def run_framework(name: str, model_dir: str, iterations: int, dtype: str) -> dict:
+    if name == "trl":
+        return bench_trl(model_dir, iterations, dtype)
+    return bench_jax(model_dir, iterations, separate_critic=(name == "jax"), dtype=dtype)
+
+
+def run_framework_isolated(name: str, model_dir: str, iterations: int, dtype: str) -> dict:
+    """`run_framework` in a fresh spawned process (it inherits the environment, not the memory)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_framework, (name, model_dir, iterations, dtype))
+
+
 def summarise(rows: list[dict]) -> dict:
     steady = rows[1:] or rows
     out = {"warmup_total_s": rows[0]["total_s"], "iterations_timed": len(steady)}
@@ -217,23 +234,22 @@ def main() -> None:
                         help="ours: model.dtype (bf16 matmuls, f32 accumulation and weights); TRL: bf16=True (autocast)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the frameworks in turn this many times (alternating); medians over the rounds")
+    parser.add_argument("--isolate", action="store_true", help="each framework's round in its own fresh process")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
 
     results = {"preset": args.preset, "shape": PRESETS[args.preset], "batch": BATCH, "prompt": PROMPT,
                "new_tokens": NEW, "ppo_epochs": EPOCHS, "dtype": args.dtype, "load_average_start": os.getloadavg(),
-               "cpu_count": os.cpu_count()}
+               "cpu_count": os.cpu_count(), "isolated": args.isolate,
+               "allocator": {k: os.environ.get(k, "") for k in ("LD_PRELOAD", "MALLOC_CONF")}}
     with tempfile.TemporaryDirectory() as model_dir:
         build_checkpoint(args.preset, model_dir)
         todo = {"both": ("jax", "trl"), "all": ("jax", "jax-shared", "trl")}.get(args.framework, (args.framework,))
         runs = {name: [] for name in todo}
         for round_index in range(args.rounds):
             for name in todo:
-                if name == "trl":
-                    runs[name].append(bench_trl(model_dir, args.iterations, args.dtype))
-                else:
-                    runs[name].append(bench_jax(model_dir, args.iterations, separate_critic=(name == "jax"),
-                                                dtype=args.dtype))
+                run = run_framework_isolated if args.isolate else run_framework
+                runs[name].append(run(name, model_dir, args.iterations, args.dtype))
                 print(f"round {round_index + 1} {name}: {json.dumps(runs[name][-1])} (load {os.getloadavg()})",
                       flush=True)
         for name, rows in runs.items():
