@@ -49,7 +49,8 @@ def main(argv=None) -> dict:
 
     print(f"{common.machine_summary()}; load at start {common.load_average()}", flush=True)
     width = 2 if args.dtype == "bfloat16" else 4
-    rows, step_floor = [], {"jax": 0.0, "torch": 0.0, "numpy": 0.0, "best": 0.0}
+    names = ("jax", "torch") + (("numpy",) if args.dtype == "float32" else ())
+    rows, step_floor = [], {**{name: 0.0 for name in names}, "best": 0.0}
     for k, n, uses in SHAPES:
         rng = np.random.default_rng(k + n)
         x32, w32 = rng.standard_normal((ROWS, k), np.float32), rng.standard_normal((k, n), np.float32)

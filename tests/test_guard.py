@@ -372,6 +372,7 @@ def test_latency_is_measured(guard):
     texts = [("I had a long week at work and I feel drained.", "user", []),
              ("I have the pills here", "user", ["I don't want to be here anymore"]),
              (ORDINARY + "I want to kill myself.", "user", []),
+             (ORDINARY + ORDINARY + "I took all my tablets an hour ago.", "user", []),
              ("That sounds exhausting. What would help tonight?", "reply", ["I had a long week"])]
     for text, role, history in texts:
         guard.check(text, role, history)  # compile
