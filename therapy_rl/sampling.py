@@ -25,6 +25,7 @@ from jax import lax
 
 from therapy_rl import defaults
 from therapy_rl.models.gpt2 import GPT2Config, KVCache
+from therapy_rl.ppo.core import token_entropy
 
 _SAMPLING_DEFAULTS = defaults.sampling_defaults()  # config.sampling: the defaults of SamplingConfig
 
@@ -271,13 +272,6 @@ def _chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits [B, V]) per row, float32."""
-    logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-
-
 def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig | SamplingPlan,
                  knobs: Optional[SamplingKnobs] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row from logits [B, V] -> (tokens [B] int32, raw logprob [B], sampling logprob [B]).
@@ -362,7 +356,7 @@ def sample_loop_with_state(first_logits: jax.Array, step_fn, model_state, rng: j
         at = (0, state.step)
         entropy = state.entropy
         if entropy is not None:
-            entropy = lax.dynamic_update_slice(entropy, jnp.where(live, _entropy(logits), 0.0)[:, None], at)
+            entropy = lax.dynamic_update_slice(entropy, jnp.where(live, token_entropy(logits.astype(jnp.float32)), 0.0)[:, None], at)
         return state._replace(
             entropy=entropy,
             last_tokens=tokens,

@@ -131,11 +131,12 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
     trunk_sh = state_shardings.params[policy.TRUNK_KEY]
     reuse_rollout = reuse_rollout and spec.logprob_temperature == 1.0
     with_hidden = reuse_rollout and not spec.separate_critic
+    with_entropy = reuse_rollout and hyper.loss.entropy_coef == 0  # else the update's loss computes it
     generate = sampling.make_generate_fn(
-        spec.model_config, sampling_config, with_hidden=with_hidden, with_entropy=reuse_rollout,
+        spec.model_config, sampling_config, with_hidden=with_hidden, with_entropy=with_entropy,
         in_shardings=(trunk_sh, b2, b2, parallel.replicated(mesh)),
         out_shardings=sampling.SampleOutput(b2, b2, b1, b2, b2, b3 if with_hidden else None,
-                                            b2 if reuse_rollout else None))
+                                            b2 if with_entropy else None))
     example = {"prompt_ids": np.zeros((batch_size, prompt_length), np.int32),
                "prompt_mask": np.zeros((batch_size, prompt_length), np.int32),
                "tokens": np.zeros((batch_size, sampling_config.max_new_tokens), np.int32),
@@ -144,6 +145,7 @@ def build_stages(spec: policy.PolicySpec, hyper: ppo_step.PPOHyper, sampling_con
                "scores_after_clip": np.zeros((batch_size,), np.float32)}
     if reuse_rollout:
         example["rollout_logp"] = np.zeros((batch_size, sampling_config.max_new_tokens), np.float32)
+    if with_entropy:
         example["rollout_entropy"] = np.zeros((batch_size, sampling_config.max_new_tokens), np.float32)
     if with_hidden:
         example["rollout_hidden"] = np.zeros((batch_size, sampling_config.max_new_tokens,
@@ -228,7 +230,8 @@ def run_iteration(stages: Stages, state: ppo_step.PPOState, ref_params: Any,
                "response_mask": mask, "valid": valid, "scores": raw_scores, "scores_after_clip": after_clip}
     if stages.reuse_rollout:
         rollout["rollout_logp"] = sample.logprobs
-        rollout["rollout_entropy"] = sample.entropy
+        if sample.entropy is not None:
+            rollout["rollout_entropy"] = sample.entropy
         if sample.hidden is not None:
             rollout["rollout_hidden"] = sample.hidden
     state, update_metrics = stages.update(state, ref_params, rollout)
