@@ -109,5 +109,6 @@ def test_training_examples_never_copy_v3_texts():
         for r in _rows(name):
             held.add(_norm(r["text"]))
             held |= {_norm(t) for _, t in r["history"]}
-    found = training_files_copying(held)
-    assert not found, {path: len(copied) for path, copied in found.items()}  # counts only: never show v3 texts
+    # counts only: pytest shows the asserted value, so the held-out texts never reach the assertion
+    copied = {path: len(texts) for path, texts in training_files_copying(held).items()}
+    assert not copied, copied  # never show v3 texts

@@ -5,10 +5,11 @@ thresholds chosen on development data; score a frozen held-out set once.
     python tools/train_guard.py --eval_heldout evalsets/guard_v2                 # score a frozen set ONCE
 
 Training data (REWARDS.md, "Guard"):
-- written examples: `tools/guard_examples_v2.json` (plain sentences, round 2), `tools/guard_examples_user.json` and
-  `guard_examples_reply.json` (round-1 patterns, sampled into variants), issue 11's own texts;
-- evalsets/guard_v1 (scored once in round 1, now spent: development data) and the earlier hand-written sets of
-  tests/test_safety.py; half of each (stable hash of the row) trains, half is development data;
+- written examples: the plain-sentence files of PLAIN_EXAMPLES (round 2's v2, round 3's v3a/v3b, round 6's
+  v4c/v4d), `tools/guard_examples_user.json` and `guard_examples_reply.json` (round-1 patterns, sampled into
+  variants), issue 11's own texts;
+- the spent held-out sets of SPENT_SETS (guard_v1 to guard_v3, each scored once) and the earlier hand-written sets
+  of tests/test_safety.py; half of each (stable hash of the row) trains, half is development data;
 - datasets: sdcnl and reddit_cssrs (crisis positives, noisy, low weight), depression_severity, GoEmotions,
   EmpatheticDialogues, ESConv, CounselChat, AnnoMI, MESC (negatives; supporter turns for replies);
 - long messages built from dataset sentences with a written message inside (windows labelled by span).
@@ -53,15 +54,19 @@ REPLY_EXAMPLES = os.path.join(TOOLS_DIR, "guard_examples_reply.json")
 # Plain-sentence example files (tag -> path): round 2's, and round 3's two writers with different voices.
 PLAIN_EXAMPLES = {"v2": os.path.join(TOOLS_DIR, "guard_examples_v2.json"),
                   "v3a": os.path.join(TOOLS_DIR, "guard_examples_v3a.json"),
-                  "v3b": os.path.join(TOOLS_DIR, "guard_examples_v3b.json")}
+                  "v3b": os.path.join(TOOLS_DIR, "guard_examples_v3b.json"),
+                  "v4c": os.path.join(TOOLS_DIR, "guard_examples_v4c.json"),
+                  "v4d": os.path.join(TOOLS_DIR, "guard_examples_v4d.json")}
 # Sources written for the guard (message source prefixes); everything else comes from datasets.
-SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v1_", "s2_")  # plain example files and spent held-out sets
+# plain example files and spent held-out sets
+SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v4c_", "v4d_", "v1_", "s2_", "s3_")
 WRITTEN_PREFIXES = SET_AND_PLAIN_PREFIXES + ("r1_", "previous_")
-PLAIN_TAGS = ("v2", "v3a", "v3b")
+PLAIN_TAGS = ("v2", "v3a", "v3b", "v4c", "v4d")
 # Categories of the written sets that the guard's heads know under another name.
 CATEGORY_ALIASES = {"minimises_crisis": "encourages_self_harm", "suicidal_ideation_goodbye": "suicidal_ideation"}
 # Held-out sets already scored (tag -> folder): spent, so training and development data since.
-SPENT_SETS = {"v1": os.path.join(REPO, "evalsets", "guard_v1"), "s2": os.path.join(REPO, "evalsets", "guard_v2")}
+SPENT_SETS = {"v1": os.path.join(REPO, "evalsets", "guard_v1"), "s2": os.path.join(REPO, "evalsets", "guard_v2"),
+              "s3": os.path.join(REPO, "evalsets", "guard_v3")}
 METRICS_FILE = os.path.join(REPO, "therapy_rl", "rewards", "weights", "guard_metrics.json")
 K_FOLDS = 5  # round-1 pattern folds; fold0 is development data
 CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die|self.?harm|overdos|"
@@ -79,6 +84,9 @@ ISSUE_WEIGHT = 3.0
 # Development threshold rule: the largest recall with false alarms within these on development data.
 MAX_DEV_FALSE_ALARMS = 0.04  # hand-written hard negatives (target 0.05, kept under it for the unseen set)
 MAX_DEV_ORDINARY_FLAGS = 0.02  # dataset text (GoEmotions, ED, ESConv, MESC, therapist replies)
+# An idiom ("killing me") raises the crisis threshold but never past this: on guard_v3, four crisis messages with
+# head probability >= 0.999 were vetoed by an idiom threshold of 2.0 (round 6 onwards).
+MAX_IDIOM_THRESHOLD = 0.99
 
 
 # ============================================================================ written examples
@@ -676,7 +684,7 @@ def build_rows(messages: list[Message], tokens: Tokens, special, seed: int) -> l
     for split in ("train", "dev"):
         user_prefixes = tuple(f"{t}_{k}" for t in PLAIN_TAGS for k in ("crisis", "negative")) + (
             "r1_written_crisis", "r1_written_negative", "v1_crisis:short", "v1_hard_negatives:short",
-            "s2_crisis:short", "s2_hard_negatives:short")
+            "s2_crisis:short", "s2_hard_negatives:short", "s3_crisis:short", "s3_hard_negatives:short")
         reply_prefixes = tuple(f"{t}_{k}" for t in PLAIN_TAGS for k in ("harmful", "supportive")) + (
             "r1_written_harmful", "r1_written_supportive")
         for role, pool, prefixes in (("user", fillers, user_prefixes), ("reply", therapist, reply_prefixes)):
@@ -995,7 +1003,7 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     best = None
     for alone in candidates:
         for support in supports:
-            for idiom in ((alone, 0.9, 0.97, 2.0) if role == "user" else (2.0,)):
+            for idiom in ((alone, 0.9, 0.97, MAX_IDIOM_THRESHOLD) if role == "user" else (2.0,)):
                 for weak in ((0.3, 0.5, 2.0) if role == "user" else (2.0,)):
                     t = dict(base, **{key: alone, f"{key}_lexicon_support": support})
                     if role == "user":
