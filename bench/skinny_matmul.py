@@ -1,5 +1,6 @@
-"""The decode step's matmuls alone: x [16, K] @ W [K, N] at GPT-2-small's shapes, JAX (XLA:CPU) beside torch and
-NumPy, in weight bytes read per second. This is the kernel throughput a batch-16 sampler can reach at best.
+"""The decode step's matmuls alone: x [16, K] times each GPT-2-small weight in the layout both models store it
+(kernels W [K, N]; the tied LM head's embedding E [V, D], so x @ E^T), JAX (XLA:CPU) beside torch and NumPy, in
+weight bytes read per second. This is the kernel throughput a batch-16 sampler can reach at best.
 
     python bench/skinny_matmul.py                    # float32
     python bench/skinny_matmul.py --dtype bfloat16   # bf16 operands, f32 accumulation (JAX); torch bf16 matmul
@@ -23,8 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 ROWS = 16
-# (K, N, uses per decode step): c_attn, attn c_proj, c_fc, mlp c_proj (x 12 layers), then the tied LM head.
-SHAPES = ((768, 2304, 12), (768, 768, 12), (768, 3072, 12), (3072, 768, 12), (768, 50257, 1))
+# (K, N, uses per decode step, weight stored [N, K]): c_attn, attn c_proj, c_fc, mlp c_proj (x 12 layers; kernels
+# stored [K, N] in both models), then the tied LM head, whose weight is the embedding [V, D] in both (x @ E^T).
+SHAPES = ((768, 2304, 12, False), (768, 768, 12, False), (768, 3072, 12, False), (3072, 768, 12, False),
+          (768, 50257, 1, True))
 
 
 def best_seconds(fn, block, reps: int) -> float:
@@ -51,21 +54,21 @@ def main(argv=None) -> dict:
     width = 2 if args.dtype == "bfloat16" else 4
     names = ("jax", "torch") + (("numpy",) if args.dtype == "float32" else ())
     rows, step_floor = [], {**{name: 0.0 for name in names}, "best": 0.0}
-    for k, n, uses in SHAPES:
+    for k, n, uses, stored_nk in SHAPES:
         rng = np.random.default_rng(k + n)
-        x32, w32 = rng.standard_normal((ROWS, k), np.float32), rng.standard_normal((k, n), np.float32)
+        x32 = rng.standard_normal((ROWS, k), np.float32)
+        w32 = rng.standard_normal((n, k) if stored_nk else (k, n), np.float32)
+        contract = (((1,), (1 if stored_nk else 0,)), ((), ()))  # x [M, K] against W's K axis
+        jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        xj, wj = jnp.asarray(x32, jdtype), jnp.asarray(w32, jdtype)
+        jax_fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, contract, preferred_element_type=jnp.float32))
+        xt, wt = torch.from_numpy(x32), torch.from_numpy(w32)
         if args.dtype == "bfloat16":
-            xj, wj = jnp.asarray(x32, jnp.bfloat16), jnp.asarray(w32, jnp.bfloat16)
-            jax_fn = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
-            xt, wt = torch.from_numpy(x32).bfloat16(), torch.from_numpy(w32).bfloat16()
-        else:
-            xj, wj = jnp.asarray(x32), jnp.asarray(w32)
-            jax_fn = jax.jit(lambda a, b: a @ b)
-            xt, wt = torch.from_numpy(x32), torch.from_numpy(w32)
-        sides = {"jax": (lambda: jax_fn(xj, wj), jax.block_until_ready),
-                 "torch": (lambda: xt @ wt, lambda out: out)}
+            xt, wt = xt.bfloat16(), wt.bfloat16()
+        torch_fn = (lambda: torch.nn.functional.linear(xt, wt)) if stored_nk else (lambda: xt @ wt)
+        sides = {"jax": (lambda: jax_fn(xj, wj), jax.block_until_ready), "torch": (torch_fn, lambda out: out)}
         if args.dtype == "float32":
-            sides["numpy"] = (lambda: x32 @ w32, lambda out: out)
+            sides["numpy"] = ((lambda: x32 @ w32.T) if stored_nk else (lambda: x32 @ w32), lambda out: out)
         for fn, block in sides.values():
             block(fn())  # compile / warm up
         best = {name: float("inf") for name in sides}
@@ -73,13 +76,14 @@ def main(argv=None) -> dict:
             for name, (fn, block) in sides.items():
                 best[name] = min(best[name], best_seconds(fn, block, args.reps))
         gbps = {name: k * n * width / s / 1e9 for name, s in best.items()}
-        row = {"k": k, "n": n, "uses_per_step": uses, "ms": {name: s * 1e3 for name, s in best.items()},
+        row = {"k": k, "n": n, "uses_per_step": uses, "weight_stored_nk": stored_nk, "ms": {name: s * 1e3 for name, s in best.items()},
                "weight_gb_per_s": gbps, "jax_over_torch": best["torch"] / best["jax"]}
         rows.append(row)
         for name, s in best.items():
             step_floor[name] += uses * s
         step_floor["best"] += uses * min(best.values())
-        print(f"[{ROWS} x {k}] @ [{k} x {n}]: " + ", ".join(
+        shape = f"[{n} x {k}]^T" if stored_nk else f"[{k} x {n}]"
+        print(f"[{ROWS} x {k}] @ {shape}: " + ", ".join(
             f"{name} {s * 1e3:.3f} ms ({gbps[name]:.1f} GB/s)" for name, s in best.items())
             + f"; jax / torch speed {row['jax_over_torch']:.2f}x", flush=True)
     print("GPT-2 small decode step, its matmuls alone (each weight read once per step): " + ", ".join(
