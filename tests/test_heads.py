@@ -139,7 +139,8 @@ def encoder():
 
 def test_shipped_weights_are_small():
     total = sum(os.path.getsize(os.path.join(H.default_weights_dir(), f)) for f in os.listdir(H.default_weights_dir()))
-    assert total < 3 * 2**20, total
+    # 5 MiB: the reward heads (0.7 MB) and the guard, whose adapters cover all six MiniLM layers (3.6 MB)
+    assert total < 5 * 2**20, total
 
 
 def test_shipped_heads_sane_predictions(shipped, encoder):

@@ -87,6 +87,12 @@ MAX_DEV_ORDINARY_FLAGS = 0.02  # dataset text (GoEmotions, ED, ESConv, MESC, the
 # An idiom ("killing me") raises the crisis threshold but never past this: on guard_v3, four crisis messages with
 # head probability >= 0.999 were vetoed by an idiom threshold of 2.0 (round 6 onwards).
 MAX_IDIOM_THRESHOLD = 0.99
+# Sad, low-mood, venting and pain messages (the development negatives whose source names these topics): their own
+# false-alarm bound, twice shipped guard v2's 4.0% on the round-6 development set. Round 6 under the overall bound
+# alone flagged 12% of them (and "Nobody at work listens to me." in tests/test_api.py); a crisis message in reply to
+# sadness is the guard's most visible mistake in chat.
+MAX_DEV_SAD_FALSE_ALARMS = 0.08
+SAD_SOURCE = re.compile(r"sad|low_mood|venting|physical_pain")
 
 
 # ============================================================================ written examples
@@ -993,10 +999,18 @@ def flags(ev: dict, t: dict, role: str) -> np.ndarray:
     return out
 
 
+def sad_evidence(ev: dict, groups: dict) -> dict:
+    """The user-side development negatives about sadness, low mood, venting or pain (SAD_SOURCE), as evidence."""
+    keep = np.asarray([bool(SAD_SOURCE.search(m.source)) for m in groups["user_neg"]], bool)
+    return {k: v[keep] for k, v in ev["user_neg"].items()}
+
+
 def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     """The setting with the highest development recall whose false alarms stay within MAX_DEV_FALSE_ALARMS on
-    hand-written hard negatives and MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms."""
+    hand-written hard negatives, MAX_DEV_SAD_FALSE_ALARMS on their sad subset (ev["user_sad"], when given) and
+    MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms."""
     pos, neg, ordinary = ev[f"{role}_pos"], ev[f"{role}_neg"], ev[f"{role}_ordinary"]
+    sad = ev.get("user_sad") if role == "user" else None
     candidates = sorted(set(np.round(np.concatenate([neg["p"], pos["p"]]), 4).tolist()) | {0.5, 0.9, 0.99})
     key = "crisis" if role == "user" else "reply"
     supports = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)
@@ -1011,6 +1025,8 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
                     fa = flags(neg, t, role).mean()
                     of = flags(ordinary, t, role).mean() if len(ordinary["p"]) else 0.0
                     if fa > MAX_DEV_FALSE_ALARMS or of > MAX_DEV_ORDINARY_FLAGS:
+                        continue
+                    if sad is not None and len(sad["p"]) and flags(sad, t, role).mean() > MAX_DEV_SAD_FALSE_ALARMS:
                         continue
                     rec = flags(pos, t, role).mean()
                     score = (rec, -fa, -of, alone)
@@ -1187,6 +1203,50 @@ def load_messages(args, encoder, lexicon, log) -> list[Message]:
     return messages + data + _sample(mined, 600, rng)
 
 
+def development_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
+    """dev_groups with the dataset-text groups subsampled (fixed seeds: the same messages every run)."""
+    groups = dev_groups(messages)
+    groups["user_ordinary"] = _sample(groups["user_ordinary"], 500, np.random.default_rng(1))
+    groups["reply_ordinary"] = _sample(groups["reply_ordinary"], 300, np.random.default_rng(2))
+    return groups
+
+
+def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out: str, log):
+    """Development evidence through guard.Guard, the thresholds by choose_thresholds, written into `out`.
+    Returns (thresholds, development report, the guard with them)."""
+    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
+            "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
+    params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
+    guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
+    log("[dev] evidence of the development messages through guard.Guard ...")
+    ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
+    ev["user_sad"] = sad_evidence(ev, groups)
+    chosen = dict(base)
+    for role in ("user", "reply"):
+        chosen.update({k: v for k, v in choose_thresholds(ev, role, chosen).items()
+                       if k.startswith("crisis" if role == "user" else "reply")})
+    log(f"[dev] thresholds {chosen}")
+    params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in chosen.items()})
+    G.save_guard_params(params, out)
+    guard.params = G.load_guard_params(out, encoder.config)
+    report = dev_report(ev, groups, chosen)
+    sad = flags(ev["user_sad"], chosen, "user")
+    lo, hi = wilson(int(sad.sum()), len(sad))
+    report["user_neg_sad"] = {"k": int(sad.sum()), "n": len(sad), "rate": round(float(sad.mean()), 4),
+                              "ci95": [round(lo, 4), round(hi, 4)]}
+    return chosen, report, guard
+
+
+def threshold_metrics(chosen: dict, report: dict, guard: G.Guard) -> dict:
+    return {"thresholds": chosen,
+            "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS,
+                               "max_dev_sad_false_alarms": MAX_DEV_SAD_FALSE_ALARMS,
+                               "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS,
+                               "max_idiom_threshold": MAX_IDIOM_THRESHOLD},
+            "development": report,
+            "issue_missed_messages": [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_dir", default=os.environ.get("THERAPY_RL_DATA", "/work/shared/data"))
@@ -1200,6 +1260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compute_dtype", default=FitOptions.compute_dtype, choices=("float32", "bfloat16"),
                     help="the adapted layers' matmul operands in training")
     ap.add_argument("--cache_only", action="store_true", help="build and cache the lower-layer states, then stop")
+    ap.add_argument("--thresholds_only", action="store_true",
+                    help="keep the --out weights, choose their thresholds again on development data, update --metrics")
     ap.add_argument("--eval_heldout", default=None, help="score a frozen evalsets/ folder with --out weights (once)")
     ap.add_argument("--report", default=None, help="where --eval_heldout writes its JSON (default: next to the set)")
     ap.add_argument("--markdown", default=None, help="print REWARDS.md tables of an --eval_heldout JSON and stop")
@@ -1225,6 +1287,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"wrote {path} in {time.time() - t0:.0f}s")
         return 0
 
+    if args.thresholds_only:
+        messages = load_messages(args, encoder, lexicon, log)
+        params = G.load_guard_params(args.out, encoder.config)
+        chosen, report, guard = select_thresholds(params, development_groups(messages), encoder, lexicon,
+                                                  args.out, log)
+        with open(args.metrics, encoding="utf-8") as f:
+            metrics = json.load(f)
+        metrics.update(threshold_metrics(chosen, report, guard))
+        metrics["thresholds_command"] = "python tools/train_guard.py " + " ".join(
+            argv if argv is not None else sys.argv[1:])
+        with open(args.metrics, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=1)
+        log(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("errors", "by_source")}
+                        for k, v in report.items()}, indent=1))
+        log(f"wrote the thresholds into {args.out} and {args.metrics} in {time.time() - t0:.0f}s")
+        return 0
+
     tok = encoder.tokenizer
     special = (tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"), encoder.config.pad_token_id)
     tokens = Tokens(tok)
@@ -1247,9 +1326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"({time.time() - t0:.0f}s)")
     lower = LowerStates(encoder, args.cache_dir, args.tuned_layers)
     lower.ensure([r.ids for r in rows])
-    groups = dev_groups(messages)
-    groups["user_ordinary"] = _sample(groups["user_ordinary"], 500, np.random.default_rng(1))
-    groups["reply_ordinary"] = _sample(groups["reply_ordinary"], 300, np.random.default_rng(2))
+    groups = development_groups(messages)
     dev_windows = []
     for ms in groups.values():
         for m in ms:
@@ -1271,29 +1348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     opts = FitOptions(epochs=args.epochs, tuned_layers=args.tuned_layers, compute_dtype=args.compute_dtype)
     params, fit_info = fit(rows, dev_fn, encoder, lower, opts, args.seed, log)
-    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
-            "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
-    params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
-    guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
-    log("[dev] evidence of the development messages through guard.Guard ...")
-    ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
-    chosen = dict(base)
-    for role in ("user", "reply"):
-        chosen.update({k: v for k, v in choose_thresholds(ev, role, chosen).items()
-                       if k.startswith("crisis" if role == "user" else "reply")})
-    log(f"[dev] thresholds {chosen}")
-    params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in chosen.items()})
-    G.save_guard_params(params, args.out)
-    guard.params = G.load_guard_params(args.out, encoder.config)
-    report = dev_report(ev, groups, chosen)
+    chosen, report, guard = select_thresholds(params, groups, encoder, lexicon, args.out, log)
     metrics = {
         "command": "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed, "variants": args.variants, "sizes": DEFAULT_SIZES, "fit_options": dataclasses.asdict(opts),
         "message_counts": dict(sorted(counts.items())), "training_windows": len(rows), "fit": fit_info,
-        "thresholds": chosen,
-        "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS, "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS},
-        "development": report,
-        "issue_missed_messages": [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED],
+        **threshold_metrics(chosen, report, guard),
         "lower_state_seconds": round(lower.seconds), "total_seconds": round(time.time() - t0),
     }
     with open(args.metrics, "w", encoding="utf-8") as f:
