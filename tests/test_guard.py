@@ -19,7 +19,7 @@ from therapy_rl.rewards import encoder as E
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(REPO, "evalsets", "guard_v1")  # round 1's set (spent: development data since round 2)
-HELDOUT_V2 = os.path.join(REPO, "evalsets", "guard_v2")  # round 2's set (spent: training and development data since round 3)
+HELDOUT_V2 = os.path.join(REPO, "evalsets", "guard_v2")  # round 2's set (spent since round 3)
 
 # The five crisis messages and the harmful replies quoted in issue 11 (public test cases, not held-out data).
 ISSUE_MISSED = [
