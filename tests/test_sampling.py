@@ -355,3 +355,35 @@ def test_greedy_matches_hf_generate(tmp_path, params):
     out = make_generate_fn(CONFIG, SamplingConfig(max_new_tokens=steps, greedy=True, pad_id=pad))(
         params, jnp.asarray(ids), jnp.asarray(mask), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), hf_tokens)
+
+
+# ----------------------------------------------------------------------------------------------- decode-step LM head
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["gpt2", "mistral_tied", "mistral_untied"])
+def test_decode_logits_equal_the_lm_head(family, dtype):
+    """The sampler's decode-step head (a tied [V, D] embedding applied vocab-major) equals `lm_logits`."""
+    from therapy_rl import ops
+    from therapy_rl.models import families, mistral
+
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=2, dtype=dtype)
+        params = init_params(config, jax.random.PRNGKey(0))
+    else:
+        config = mistral.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                       dtype=dtype,
+                                       tie_word_embeddings=family == "mistral_tied")
+        params = mistral.init_params(config, jax.random.PRNGKey(0))
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (16, 32), jnp.float32)
+    expected = np.asarray(families.lm_logits(params, hidden, config))
+    got = families.decode_logits(params, hidden, config)
+    assert got.shape == (16, 97) and got.dtype == jnp.float32
+    tol = 1e-5 if dtype == "float32" else 1e-3
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=tol, atol=tol)
+    hlo = jax.jit(lambda p, h: families.decode_logits(p, h, config)).lower(params, hidden).as_text()
+    assert ("opt-barrier" in hlo or "optimization_barrier" in hlo) == (family != "mistral_untied")
+    direct = ops.vocab_major_logits(hidden[:3], jnp.ones((5, 32)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(direct), np.asarray(hidden[:3]).sum(-1, keepdims=True) * np.ones((1, 5)),
+                               rtol=1e-5)

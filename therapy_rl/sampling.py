@@ -467,7 +467,7 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
                         values=tuple(v + tuple(b.values[i] for b in blocks)
                                      for i, v in enumerate(prefill.cache.values)),
                         index=prefill.cache.index)
-    first_logits = families.lm_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
+    first_logits = families.decode_logits(params, prefill.hidden_states[:, -1], config)  # [B, V]
 
     def decode_step(visible_blocks):
         """The step function of the steps that write block visible_blocks - 2 (None: the rolling cache)."""
@@ -494,7 +494,7 @@ def generate(params, config: GPT2Config, prompt_ids: jax.Array, prompt_mask: jax
                 out_cache = out.cache
             if hidden is not None:
                 hidden = lax.dynamic_update_slice(hidden, out.hidden_states.astype(hidden.dtype), (0, step, 0))
-            return families.lm_logits(params, out.hidden_states[:, 0], config), (out_cache, hidden)
+            return families.decode_logits(params, out.hidden_states[:, 0], config), (out_cache, hidden)
 
         return step_fn
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from therapy_rl import errors
+from therapy_rl import errors, ops
 from therapy_rl.models import gpt2, lora as lora_lib, mistral
 
 
@@ -44,6 +44,7 @@ class Family:
     hf_config: Callable
     load_hf: Callable
     save_hf: Callable
+    tied_embedding: Callable = lambda params, config: None  # the [V, D] embedding that is also the LM head, or None
 
 
 # ------------------------------------------------------------------------------------------------ GPT-2
@@ -84,7 +85,7 @@ GPT2 = Family(
     init_params=gpt2.init_params, init_cache=gpt2.init_cache,
     lm_logits=lambda params, hidden, config: gpt2.lm_logits(params["wte"]["embedding"], hidden, config),
     partition_rules=_gpt2_rules, read_hf_config=_gpt2_read, hf_config=lambda c, **extra: c.to_hf_dict(**extra),
-    load_hf=_gpt2_load, save_hf=_gpt2_save)
+    load_hf=_gpt2_load, save_hf=_gpt2_save, tied_embedding=lambda params, config: params["wte"]["embedding"])
 
 
 # ------------------------------------------------------------------------------ Mistral / Llama / Qwen2 / Mixtral
@@ -224,7 +225,8 @@ MISTRAL = Family(
     name="mistral", config_type=mistral.MistralConfig, model_types=mistral.MODEL_TYPES,
     module=mistral.MistralForCausalLM, init_params=mistral.init_params, init_cache=mistral.init_cache,
     lm_logits=mistral.lm_logits, partition_rules=lambda config: MISTRAL_PARTITION_RULES,
-    read_hf_config=_mistral_read, hf_config=_mistral_hf_config, load_hf=_mistral_load, save_hf=_mistral_save)
+    read_hf_config=_mistral_read, hf_config=_mistral_hf_config, load_hf=_mistral_load, save_hf=_mistral_save,
+    tied_embedding=lambda params, config: params["embed_tokens"]["embedding"] if config.tie_word_embeddings else None)
 
 _FAMILIES = (GPT2, MISTRAL)
 
@@ -296,6 +298,16 @@ def init_cache(config, batch_size: int, max_length: int):
 
 def lm_logits(params, hidden, config):
     return family_of(config).lm_logits(params, hidden, config)
+
+
+def decode_logits(params, hidden, config):
+    """The LM head on a decode step's rows hidden [B, D] (float32 [B, V]): a tied [V, D] embedding is applied
+    vocab-major (`ops.vocab_major_logits`, faster at few rows); an untied [D, V] head as `lm_logits`. Equal to
+    `lm_logits` up to float rounding (summation order)."""
+    embedding = family_of(config).tied_embedding(params, config)
+    if embedding is None:
+        return lm_logits(params, hidden, config)
+    return ops.vocab_major_logits(hidden, embedding, config.compute_dtype)
 
 
 def partition_rules(config):
