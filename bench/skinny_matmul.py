@@ -76,8 +76,9 @@ def main(argv=None) -> dict:
             for name, (fn, block) in sides.items():
                 best[name] = min(best[name], best_seconds(fn, block, args.reps))
         gbps = {name: k * n * width / s / 1e9 for name, s in best.items()}
-        row = {"k": k, "n": n, "uses_per_step": uses, "weight_stored_nk": stored_nk, "ms": {name: s * 1e3 for name, s in best.items()},
-               "weight_gb_per_s": gbps, "jax_over_torch": best["torch"] / best["jax"]}
+        row = {"k": k, "n": n, "uses_per_step": uses, "weight_stored_nk": stored_nk,
+               "ms": {name: s * 1e3 for name, s in best.items()}, "weight_gb_per_s": gbps,
+               "jax_over_torch": best["torch"] / best["jax"]}
         rows.append(row)
         for name, s in best.items():
             step_floor[name] += uses * s

@@ -1035,18 +1035,22 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     return {k: float(v) for k, v in best[1].items()} if best else dict(base)
 
 
-def dev_report(ev: dict, groups: dict, t: dict) -> dict:
-    def rate(f):
-        k, n = int(np.sum(f)), len(f)
-        lo, hi = wilson(k, n)
-        return {"k": k, "n": n, "rate": round(k / max(n, 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+def rate_summary(flagged: Sequence[bool]) -> dict:
+    """k of n flagged, the rate and its 95% Wilson interval (rounded for the JSON reports)."""
+    k, n = int(np.sum(flagged)), len(flagged)
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": round(k / max(n, 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
+
+def dev_report(ev: dict, groups: dict, t: dict) -> dict:
+    """Development rates per group (and of the sad user negatives when ev holds them), by source, and up to 80
+    errors of each written group verbatim."""
     out = {}
     for role in ("user", "reply"):
         for part in ("pos", "neg", "ordinary"):
             name = f"{role}_{part}"
             f = flags(ev[name], t, role)
-            out[name] = rate(f)
+            out[name] = rate_summary(f)
             by_source: dict[str, list] = {}
             for m, x in zip(groups[name], f):
                 by_source.setdefault(m.source.split(":")[0] if part == "ordinary" else m.source, []).append(x)
@@ -1055,6 +1059,8 @@ def dev_report(ev: dict, groups: dict, t: dict) -> dict:
                 wrong = [m for m, x in zip(groups[name], f) if bool(x) != (part == "pos")]
                 out[name]["errors"] = [{"text": m.text, "history": list(m.history), "source": m.source}
                                        for m in wrong][:80]
+    if "user_sad" in ev:
+        out["user_neg_sad"] = rate_summary(flags(ev["user_sad"], t, "user"))
     return out
 
 
@@ -1083,9 +1089,7 @@ def evaluate_heldout(folder: str, guard: G.Guard, weights_path: str, log: Callab
         return row["result"].crisis if row["role"] == "user" else row["result"].harmful
 
     def rate(rows):
-        k = sum(flagged(r) for r in rows)
-        lo, hi = wilson(k, len(rows))
-        return {"k": k, "n": len(rows), "rate": round(k / max(len(rows), 1), 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        return rate_summary([flagged(r) for r in rows])
 
     with open(weights_path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
@@ -1229,12 +1233,7 @@ def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in chosen.items()})
     G.save_guard_params(params, out)
     guard.params = G.load_guard_params(out, encoder.config)
-    report = dev_report(ev, groups, chosen)
-    sad = flags(ev["user_sad"], chosen, "user")
-    lo, hi = wilson(int(sad.sum()), len(sad))
-    report["user_neg_sad"] = {"k": int(sad.sum()), "n": len(sad), "rate": round(float(sad.mean()), 4),
-                              "ci95": [round(lo, 4), round(hi, 4)]}
-    return chosen, report, guard
+    return chosen, dev_report(ev, groups, chosen), guard
 
 
 def threshold_metrics(chosen: dict, report: dict, guard: G.Guard) -> dict:
@@ -1245,6 +1244,11 @@ def threshold_metrics(chosen: dict, report: dict, guard: G.Guard) -> dict:
                                "max_idiom_threshold": MAX_IDIOM_THRESHOLD},
             "development": report,
             "issue_missed_messages": [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED]}
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    """This run's command, as the JSON outputs record it."""
+    return "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1278,7 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.eval_heldout:
         guard = G.Guard(encoder=encoder, params=G.load_guard_params(args.out, encoder.config), lexicon=lexicon)
         report = evaluate_heldout(args.eval_heldout, guard, args.out, log)
-        report["command"] = "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        report["command"] = command_line(argv)
         path = args.report or os.path.join(args.eval_heldout, "RESULTS.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
@@ -1295,8 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.metrics, encoding="utf-8") as f:
             metrics = json.load(f)
         metrics.update(threshold_metrics(chosen, report, guard))
-        metrics["thresholds_command"] = "python tools/train_guard.py " + " ".join(
-            argv if argv is not None else sys.argv[1:])
+        metrics["thresholds_command"] = command_line(argv)
         with open(args.metrics, "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=1)
         log(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("errors", "by_source")}
@@ -1350,7 +1353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params, fit_info = fit(rows, dev_fn, encoder, lower, opts, args.seed, log)
     chosen, report, guard = select_thresholds(params, groups, encoder, lexicon, args.out, log)
     metrics = {
-        "command": "python tools/train_guard.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line(argv),
         "seed": args.seed, "variants": args.variants, "sizes": DEFAULT_SIZES, "fit_options": dataclasses.asdict(opts),
         "message_counts": dict(sorted(counts.items())), "training_windows": len(rows), "fit": fit_info,
         **threshold_metrics(chosen, report, guard),
