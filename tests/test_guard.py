@@ -171,8 +171,9 @@ def _merged_layer_reference(config, base_layer, adapter_layer, x, bias):
 
 @pytest.mark.parametrize("tuned_layers", [1, 2])
 def test_adapted_layers_equal_merged_kernels(tiny, tuned_layers):
-    """Non-zero adapters on the top `tuned_layers` layers: lower_states + upper_features equal the encoder run with
-    each adapter merged into its kernels."""
+    """Non-zero adapters on the top `tuned_layers` layers: both the inference path (window_features, adapters
+    folded into the kernels) and the training path (upper_features, adapters beside them) equal the encoder run
+    with each adapter merged into its kernels in float64."""
     config, enc_params, _ = tiny
     params = G.init_guard_params(jax.random.key(7), config, tuned_layers=tuned_layers)
     adapter = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape), params.adapter)
@@ -188,9 +189,47 @@ def test_adapted_layers_equal_merged_kernels(tiny, tuned_layers):
             x = _merged_layer_reference(config, enc_params[name], adapter[name], x, bias)
         else:
             x = E.BertLayer(config).apply({"params": enc_params[name]}, x, bias)
-    np.testing.assert_allclose(np.asarray(feats[0, :384]), np.asarray(x[0, 0]), atol=2e-4)
+    states = G.lower_states(config, enc_params, jnp.asarray(ids), jnp.asarray(mask), tuned_layers)
+    trained = G.upper_features(config, enc_params, adapter, states, jnp.asarray(mask))
     n = int(mask.sum())
-    np.testing.assert_allclose(np.asarray(feats[0, 384:768]), np.asarray(x[0, :n]).mean(0), atol=2e-4)
+    for got in (feats, trained):
+        np.testing.assert_allclose(np.asarray(got[0, :384]), np.asarray(x[0, 0]), atol=2e-4)
+        np.testing.assert_allclose(np.asarray(got[0, 384:768]), np.asarray(x[0, :n]).mean(0), atol=2e-4)
+
+
+def test_bf16_inference_tracks_float32_and_is_kept_in_the_weights_file(tmp_path, tiny):
+    """compute_dtype "bfloat16" (round 7 onwards: the thresholds are chosen on that path) runs bf16 dots, stays
+    close to float32, and a weights file keeps the dtype it was tuned with (files without the field: float32)."""
+    config, enc_params, params = tiny
+    adapter = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape), params.adapter)
+    params = params.replace(adapter=adapter)
+    ids, mask = _row([int(x) for x in np.random.default_rng(11).integers(1000, 1999, 40)], 64)
+    f32 = G.window_features(params, config, enc_params, jnp.asarray(ids), jnp.asarray(mask))
+    bf16_params = params.replace(compute_dtype="bfloat16")
+    f16 = G.window_features(bf16_params, config, enc_params, jnp.asarray(ids), jnp.asarray(mask))
+    assert f16.dtype == jnp.float32
+    assert float(jnp.linalg.norm(f16 - f32) / jnp.linalg.norm(f32)) < 2e-2
+    hlo = jax.jit(G.window_features, static_argnums=1).lower(bf16_params, config, enc_params, ids, mask).as_text()
+    assert "bf16" in hlo
+    G.save_guard_params(bf16_params, str(tmp_path / "g.npz"))
+    assert G.load_guard_params(str(tmp_path / "g.npz"), config).compute_dtype == "bfloat16"
+    with np.load(tmp_path / "g.npz") as npz:
+        old = {k: npz[k] for k in npz.files if k != "inference/compute_dtype"}
+    np.savez(tmp_path / "old.npz", **old)
+    assert G.load_guard_params(str(tmp_path / "old.npz"), config).compute_dtype == "float32"
+    np.savez(tmp_path / "bad.npz", **old, **{"inference/compute_dtype": np.asarray("float8")})
+    with pytest.raises(G.GuardFileError, match="bad.npz.*inference/compute_dtype"):
+        G.load_guard_params(str(tmp_path / "bad.npz"), config)
+
+
+@pytest.mark.parametrize("content", [97, 98, 143, 144, 145, 265, 300, 700])
+def test_padded_rows_compute_no_empty_window(content):
+    """A row padded by bucket_length holds every content token, and each of its windows holds some content."""
+    length = G.bucket_length(content + 2)
+    assert length >= content + 2
+    num, width = G.scale_layout(length - 2, G.WINDOW_SIZE, G.WINDOW_STRIDE)
+    assert (num - 1) * G.WINDOW_STRIDE < content
+    assert (num - 1) * G.WINDOW_STRIDE + width >= content
 
 
 def test_bf16_training_features_track_float32_and_give_adapter_gradients(tiny):
@@ -536,3 +575,16 @@ def test_rating_page_flags_come_from_the_guard(guard, monkeypatch):
     assert flags[0].harmful and any(c.startswith("reply:") for c in flags[0].categories)
     assert flags[1].crisis and not flags[1].harmful and flags[1].flagged
     assert not flags[2].flagged
+
+
+def test_decide_uses_the_long_lexicon_support_only_for_long_user_messages():
+    """`decide` on made-up evidence: a lexicon hit at p 0.3 flags a short user message (support 0.1) but not one
+    over LONG_TOKENS tokens (long support 0.5); replies never use the long value."""
+    t = {"crisis": 0.99, "crisis_idiom": 0.99, "crisis_lexicon_support": 0.1, "crisis_long_lexicon_support": 0.5,
+         "crisis_weak_support": 2.0, "reply": 0.99, "reply_lexicon_support": 0.1, "category": 0.5}
+    hit = [("suicidal_ideation", "suicidal_ideation", "suicide")]
+    ev = {"probability": 0.3, "categories": np.zeros(6), "lexicon": hit, "idiom": False, "weak": False}
+    assert G.decide(dict(ev, tokens=G.LONG_TOKENS), "user", t).crisis
+    assert not G.decide(dict(ev, tokens=G.LONG_TOKENS + 1), "user", t).crisis
+    assert G.decide(dict(ev, tokens=G.LONG_TOKENS + 1, probability=0.6), "user", t).crisis
+    assert G.decide(dict(ev, tokens=G.LONG_TOKENS + 1), "reply", t).harmful

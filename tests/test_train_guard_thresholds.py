@@ -10,14 +10,17 @@ sys.path.insert(0, REPO)
 from tools import train_guard as T  # noqa: E402
 
 
-def _evidence(p, idiom=None):
+def _evidence(p, idiom=None, lex=None, long=None):
     p = np.asarray(p, float)
-    return {"p": p, "lex": np.zeros(p.shape, bool), "idiom": np.zeros(p.shape, bool) if idiom is None
-            else np.asarray(idiom, bool), "weak": np.zeros(p.shape, bool)}
+
+    def mark(x):
+        return np.zeros(p.shape, bool) if x is None else np.asarray(x, bool)
+
+    return {"p": p, "lex": mark(lex), "idiom": mark(idiom), "weak": mark(None), "long": mark(long)}
 
 
-BASE = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
-        "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
+BASE = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+        "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
 
 
 def _user_ev(sad_p):
@@ -73,3 +76,21 @@ def test_sad_evidence_selects_sources_by_topic():
                            M("r1_written_negative:physical_pain"), M("v4d_negative:low_mood_no_risk")]}
     ev = {"user_neg": _evidence([0.1, 0.2, 0.3, 0.4])}
     assert T.sad_evidence(ev, groups)["p"].tolist() == [0.1, 0.3, 0.4]
+
+
+def test_long_messages_get_their_own_lexicon_support():
+    """Short positives need lexicon support at p 0.1; long negatives with a lexicon hit at p 0.1-0.3 (a teacher's
+    question about suicide) would then break the false-alarm bound, so long messages get a higher support while
+    short ones keep 0.1."""
+    n_pos = 100
+    pos = _evidence(np.r_[np.full(n_pos - 20, 0.99), np.full(20, 0.12)], lex=np.r_[np.zeros(80), np.ones(20)])
+    neg_p = np.r_[np.full(90, 0.05), np.full(10, 0.25)]
+    neg = _evidence(neg_p, lex=np.r_[np.zeros(90), np.ones(10)], long=np.r_[np.zeros(90), np.ones(10)])
+    ev = {"user_pos": pos, "user_neg": neg, "user_ordinary": _evidence(np.full(50, 0.05))}
+    t = T.choose_thresholds(ev, "user", BASE)
+    assert t["crisis_lexicon_support"] <= 0.12 < 0.25 < t["crisis_long_lexicon_support"]
+    assert T.flags(pos, t, "user").all() and not T.flags(neg, t, "user").any()
+    # the same negatives counted as short: the support cannot separate them, so the short positives are lost
+    ev["user_neg"] = _evidence(neg_p, lex=np.r_[np.zeros(90), np.ones(10)])
+    t_short = T.choose_thresholds(ev, "user", BASE)
+    assert T.flags(pos, t_short, "user").mean() < 1.0

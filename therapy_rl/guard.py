@@ -60,15 +60,22 @@ LORA_SCALE = 2.0
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 NORMS = ("attention_norm", "output_norm")
 FEATURE_DIM = 3 * EMBED_DIM  # [CLS, mean, max] of the last layer
-# Padded row lengths (one compile each); fine steps keep long messages from computing many empty windows.
-LENGTH_BUCKETS = (32, 48, 64, 98, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048)
+# Padded row lengths of one-window messages (one compile each); longer rows are padded to a whole number of window
+# strides (bucket_length), so no window is all padding.
+LENGTH_BUCKETS = (32, 48, 64, WINDOW_SIZE + 2)
+COMPUTE_DTYPES = ("float32", "bfloat16")
 WEIGHTS_FILE = "guard.npz"
 FORMAT_VERSION = 3  # 3 adds adapter/tuned_layers; 2 (two tuned layers) is still read
 # crisis: head alone; crisis_idiom: head alone when the message holds a lexicon idiom ("killing me", "shoot me a
 # text") and no strong phrase; *_lexicon_support: head probability that confirms a lexicon phrase.
 # crisis_weak_support: head probability that confirms a weak lexicon phrase (means and distress words).
-THRESHOLD_KEYS = ("crisis", "crisis_idiom", "crisis_lexicon_support", "crisis_weak_support", "reply",
-                  "reply_lexicon_support", "category")
+# crisis_long_lexicon_support: the same for messages over LONG_TOKENS tokens (a long text about someone
+# else's crisis or a professional one holds crisis phrases without being one).
+THRESHOLD_KEYS = ("crisis", "crisis_idiom", "crisis_lexicon_support", "crisis_long_lexicon_support",
+                  "crisis_weak_support", "reply", "reply_lexicon_support", "category")
+# Keys added after the first files, and the key whose value an older file uses for them (same behaviour).
+THRESHOLD_FALLBACKS = {"crisis_long_lexicon_support": "crisis_lexicon_support"}
+LONG_TOKENS = WINDOW_SIZE + WINDOW_STRIDE  # a message is long above this many tokens of its own (3+ windows alone)
 # crisis_lexicon.json's strong categories -> guard categories.
 LEXICON_TO_CRISIS = {"suicidal_ideation": "suicidal_ideation", "self_harm": "self_harm",
                      "harm_to_others": "harm_to_others", "indirect_signs": "suicidal_ideation"}
@@ -94,12 +101,15 @@ class GuardParams:
     crisis:  w_hidden [1152, H], b_hidden [H], w_out [H, 1 + 6], b_out [7]: logit 0 = crisis, then CRISIS_CATEGORIES.
     reply:   the same shapes; logit 0 = harmful, then REPLY_CATEGORIES.
     thresholds: THRESHOLD_KEYS -> scalar probabilities.
+    compute_dtype: the dense layers' operand dtype at inference (static; float32 accumulation either way). The
+             thresholds were chosen on this path, so a file keeps the dtype it was tuned with.
     """
 
     adapter: Mapping[str, Any]
     crisis: Mapping[str, jax.Array]
     reply: Mapping[str, jax.Array]
     thresholds: Mapping[str, jax.Array]
+    compute_dtype: str = struct.field(pytree_node=False, default="float32")
 
 
 def tuned_layer_names(num_layers: int, tuned_layers: int = TUNED_LAYERS) -> tuple[str, ...]:
@@ -138,6 +148,7 @@ def init_guard_params(rng: jax.Array, encoder_config: encoder_lib.BertConfig | N
 
     thresholds = {k: jnp.asarray(0.5, jnp.float32) for k in THRESHOLD_KEYS}
     thresholds["crisis_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
+    thresholds["crisis_long_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
     thresholds["crisis_idiom"] = jnp.asarray(0.9, jnp.float32)
     thresholds["crisis_weak_support"] = jnp.asarray(2.0, jnp.float32)
     thresholds["reply_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
@@ -164,7 +175,8 @@ def save_guard_params(params: GuardParams, path: str) -> None:
               "crisis/labels": np.asarray(("crisis",) + CRISIS_CATEGORIES, np.str_),
               "reply/labels": np.asarray(("harmful",) + REPLY_CATEGORIES, np.str_),
               "adapter/lora_rank": np.asarray(LORA_RANK, np.int32),
-              "adapter/tuned_layers": np.asarray(len(params.adapter), np.int32)}
+              "adapter/tuned_layers": np.asarray(len(params.adapter), np.int32),
+              "inference/compute_dtype": np.asarray(params.compute_dtype, np.str_)}
     arrays.update(_flatten(params.adapter, "adapter"))
     arrays.update(_flatten(params.crisis, "crisis"))
     arrays.update(_flatten(params.reply, "reply"))
@@ -225,8 +237,15 @@ def load_guard_params(path: str | None = None, encoder_config: encoder_lib.BertC
                        "b_hidden": field(f"{head}/b_hidden", (hidden,)),
                        "w_out": field(f"{head}/w_out", (hidden, len(labels))),
                        "b_out": field(f"{head}/b_out", (len(labels),))}
-    thresholds = {k: jnp.asarray(field(f"thresholds/{k}"), jnp.float32).reshape(()) for k in THRESHOLD_KEYS}
-    return GuardParams(adapter=adapter, crisis=heads["crisis"], reply=heads["reply"], thresholds=thresholds)
+    thresholds = {k: jnp.asarray(field(f"thresholds/{k}" if f"thresholds/{k}" in data or k not in
+                                       THRESHOLD_FALLBACKS else f"thresholds/{THRESHOLD_FALLBACKS[k]}"),
+                                 jnp.float32).reshape(()) for k in THRESHOLD_KEYS}
+    compute_dtype = str(data.get("inference/compute_dtype", "float32"))  # files before round 7: float32
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise GuardFileError(f"{path}: field 'inference/compute_dtype' is {compute_dtype!r}, expected one of "
+                             f"{COMPUTE_DTYPES}")
+    return GuardParams(adapter=adapter, crisis=heads["crisis"], reply=heads["reply"], thresholds=thresholds,
+                       compute_dtype=compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------ model (jittable)
@@ -273,8 +292,8 @@ def adapted_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[s
 
 def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, adapter: Mapping[str, Any],
                    states: jax.Array, mask: jax.Array, compute_dtype: str = "float32") -> jax.Array:
-    """Lower states [B, T, 384] -> the adapted top layers -> features [B, 1152] = [CLS, masked mean, masked max].
-    compute_dtype "bfloat16" (training) runs the base kernels on bf16 operands with float32 accumulation; the
+    """The training path (adapters beside the kernels, differentiable): lower states [B, T, 384] -> the adapted
+    top layers -> features [B, 1152] = [CLS, masked mean, masked max]. compute_dtype "bfloat16" runs the base kernels on bf16 operands with float32 accumulation; the
     adapters, attention and LayerNorms stay float32."""
     x = states.astype(jnp.float32)
     bias = _attention_bias(mask, x.dtype)
@@ -282,17 +301,39 @@ def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, 
                                          lora_scale=LORA_SCALE)
     for name in adapter_layer_names(adapter):
         x = layer_module.apply({"params": adapted_layer_params(encoder_params[name], adapter[name])}, x, bias)
-    m = (mask > 0)[..., None]
-    mean = jnp.sum(jnp.where(m, x, 0.0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
-    top = jnp.max(jnp.where(m, x, -1e4), axis=1)
-    return jnp.concatenate([x[:, 0], mean, top], axis=-1)
+    return pooled_features(x, mask)
+
+
+def merged_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[str, Any]) -> dict:
+    """One layer's params for a plain `BertLayer`: each kernel with its adapter folded in (kernel + a @ b *
+    LORA_SCALE, float32) and the LayerNorm offsets added. Same function as `adapted_layer_params`, one dot per
+    dense layer instead of three."""
+    out = adapted_layer_params(base_layer, adapter_layer)
+    for target in LORA_TARGETS:
+        dense = out[target]
+        low_a, low_b = dense.pop("lora_a"), dense.pop("lora_b")
+        dense["kernel"] = dense["kernel"] + jnp.dot(low_a, low_b, precision=jax.lax.Precision.HIGHEST) * LORA_SCALE
+    return out
 
 
 def window_features(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
                     ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """[B, T] rows ([CLS] content [SEP], right padding) -> features [B, 1152]."""
-    states = lower_states(encoder_config, encoder_params, ids, mask, len(params.adapter))
-    return upper_features(encoder_config, encoder_params, params.adapter, states, mask)
+    """[B, T] rows ([CLS] content [SEP], right padding) -> features [B, 1152], the inference path: adapters
+    merged into the kernels, dense operands in params.compute_dtype (float32 accumulation)."""
+    x = lower_states(encoder_config, encoder_params, ids, mask, len(params.adapter)).astype(jnp.float32)
+    bias = _attention_bias(mask, x.dtype)
+    layer_module = encoder_lib.BertLayer(encoder_config, compute_dtype=params.compute_dtype)
+    for name in adapter_layer_names(params.adapter):
+        x = layer_module.apply({"params": merged_layer_params(encoder_params[name], params.adapter[name])}, x, bias)
+    return pooled_features(x, mask)
+
+
+def pooled_features(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Token states [B, T, 384] -> [B, 1152] = [CLS, masked mean, masked max]."""
+    m = (mask > 0)[..., None]
+    mean = jnp.sum(jnp.where(m, x, 0.0), axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+    top = jnp.max(jnp.where(m, x, -1e4), axis=1)
+    return jnp.concatenate([x[:, 0], mean, top], axis=-1)
 
 
 def mlp_logits(head: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -500,12 +541,12 @@ def _normalise_history(history: Any, where: str = "history") -> list[tuple[str, 
 
 
 def bucket_length(n: int) -> int:
-    """Padded row length for n ids: the smallest bucket, then multiples of the largest."""
+    """Padded row length for n ids ([CLS] content [SEP]): the smallest one-window bucket, else the shortest row
+    whose windows end exactly at its end (WINDOW_SIZE + 2 + k * WINDOW_STRIDE)."""
     for b in LENGTH_BUCKETS:
         if n <= b:
             return b
-    top = LENGTH_BUCKETS[-1]
-    return -(-n // top) * top
+    return LENGTH_BUCKETS[-1] + -(-(n - LENGTH_BUCKETS[-1]) // WINDOW_STRIDE) * WINDOW_STRIDE
 
 
 class Guard:
@@ -556,7 +597,7 @@ class Guard:
 
     def evidence(self, text: str, role: str = "user", history: Any = ()) -> dict:
         """The raw signals behind a check: {"probability", "categories" [6], "lexicon": [(category, lexicon
-        category, phrase)], "idiom", "weak"}."""
+        category, phrase)], "idiom", "weak", "tokens" (the message's own MiniLM tokens)}."""
         history = _normalise_history(history)
         if role in USER_ROLES:
             earlier = [t for r, t in history if r == "user"][-CONTEXT_TURNS:]
@@ -575,9 +616,8 @@ class Guard:
         with self._lock:
             out = jax.device_get(fn(self.params, self.encoder.config, self.encoder.params, self.lexicon, ids, mask,
                                     self.special, self.lexicon is not None, start))
-        if user:
-            return self._explain(out, "crisis_strong", LEXICON_TO_CRISIS)
-        return self._explain(out, "harm_encouragement", LEXICON_TO_REPLY)
+        table, lexicon_map = ("crisis_strong", LEXICON_TO_CRISIS) if user else ("harm_encouragement", LEXICON_TO_REPLY)
+        return dict(self._explain(out, table, lexicon_map), tokens=len(current))
 
     def _explain(self, out: Mapping[str, np.ndarray], table_name: str, lexicon_map: Mapping[str, str]) -> dict:
         hits = []
@@ -593,12 +633,15 @@ class Guard:
 
 
 def decide(evidence: Mapping[str, Any], role: str, thresholds: Mapping[str, Any]) -> GuardResult:
-    """The flag rule: head probability >= threshold, or a lexicon hit with probability >= lexicon support.
+    """The flag rule: head probability >= threshold, or a lexicon hit with probability >= lexicon support (its own
+    value for long user messages).
     Categories: the lexicon's, plus every head category >= thresholds["category"] (else the top one)."""
     user = role in USER_ROLES
     key, names = ("crisis", CRISIS_CATEGORIES) if user else ("reply", REPLY_CATEGORIES)
     p = float(evidence["probability"])
     alone, support = float(thresholds[key]), float(thresholds[f"{key}_lexicon_support"])
+    if user and evidence.get("tokens", 0) > LONG_TOKENS:
+        support = float(thresholds["crisis_long_lexicon_support"])
     if user and evidence.get("idiom") and not evidence["lexicon"]:
         alone = max(alone, float(thresholds["crisis_idiom"]))  # an idiom explains crisis words away
     reasons, cats = [], set()

@@ -8,7 +8,7 @@ Training data (REWARDS.md, "Guard"):
 - written examples: the plain-sentence files of PLAIN_EXAMPLES (round 2's v2, round 3's v3a/v3b, round 6's
   v4c/v4d), `tools/guard_examples_user.json` and `guard_examples_reply.json` (round-1 patterns, sampled into
   variants), issue 11's own texts;
-- the spent held-out sets of SPENT_SETS (guard_v1 to guard_v3, each scored once) and the earlier hand-written sets
+- the spent held-out sets of SPENT_SETS (guard_v1 to guard_v4, each scored once) and the earlier hand-written sets
   of tests/test_safety.py; half of each (stable hash of the row) trains, half is development data;
 - datasets: sdcnl and reddit_cssrs (crisis positives, noisy, low weight), depression_severity, GoEmotions,
   EmpatheticDialogues, ESConv, CounselChat, AnnoMI, MESC (negatives; supporter turns for replies);
@@ -56,17 +56,19 @@ PLAIN_EXAMPLES = {"v2": os.path.join(TOOLS_DIR, "guard_examples_v2.json"),
                   "v3a": os.path.join(TOOLS_DIR, "guard_examples_v3a.json"),
                   "v3b": os.path.join(TOOLS_DIR, "guard_examples_v3b.json"),
                   "v4c": os.path.join(TOOLS_DIR, "guard_examples_v4c.json"),
-                  "v4d": os.path.join(TOOLS_DIR, "guard_examples_v4d.json")}
+                  "v4d": os.path.join(TOOLS_DIR, "guard_examples_v4d.json"),
+                  "v5e": os.path.join(TOOLS_DIR, "guard_examples_v5e.json"),
+                  "v5f": os.path.join(TOOLS_DIR, "guard_examples_v5f.json")}
 # Sources written for the guard (message source prefixes); everything else comes from datasets.
 # plain example files and spent held-out sets
-SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v4c_", "v4d_", "v1_", "s2_", "s3_")
+SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v4c_", "v4d_", "v5e_", "v5f_", "v1_", "s2_", "s3_", "s4_")
 WRITTEN_PREFIXES = SET_AND_PLAIN_PREFIXES + ("r1_", "previous_")
-PLAIN_TAGS = ("v2", "v3a", "v3b", "v4c", "v4d")
+PLAIN_TAGS = ("v2", "v3a", "v3b", "v4c", "v4d", "v5e", "v5f")
 # Categories of the written sets that the guard's heads know under another name.
 CATEGORY_ALIASES = {"minimises_crisis": "encourages_self_harm", "suicidal_ideation_goodbye": "suicidal_ideation"}
 # Held-out sets already scored (tag -> folder): spent, so training and development data since.
 SPENT_SETS = {"v1": os.path.join(REPO, "evalsets", "guard_v1"), "s2": os.path.join(REPO, "evalsets", "guard_v2"),
-              "s3": os.path.join(REPO, "evalsets", "guard_v3")}
+              "s3": os.path.join(REPO, "evalsets", "guard_v3"), "s4": os.path.join(REPO, "evalsets", "guard_v4")}
 METRICS_FILE = os.path.join(REPO, "therapy_rl", "rewards", "weights", "guard_metrics.json")
 K_FOLDS = 5  # round-1 pattern folds; fold0 is development data
 CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die|self.?harm|overdos|"
@@ -975,7 +977,7 @@ def dev_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
 
 
 def evidence_arrays(guard: G.Guard, messages: Sequence[Message]) -> dict:
-    p, lex, idiom, weak = [], [], [], []
+    p, lex, idiom, weak, long = [], [], [], [], []
     for m in messages:
         history = [["user", h] for h in m.history]
         e = guard.evidence(m.text, m.role, history)
@@ -983,8 +985,9 @@ def evidence_arrays(guard: G.Guard, messages: Sequence[Message]) -> dict:
         lex.append(bool(e["lexicon"]))
         idiom.append(e["idiom"])
         weak.append(e["weak"])
+        long.append(m.role == "user" and e["tokens"] > G.LONG_TOKENS)
     return {"p": np.asarray(p), "lex": np.asarray(lex, bool), "idiom": np.asarray(idiom, bool),
-            "weak": np.asarray(weak, bool)}
+            "weak": np.asarray(weak, bool), "long": np.asarray(long, bool)}
 
 
 def flags(ev: dict, t: dict, role: str) -> np.ndarray:
@@ -993,7 +996,10 @@ def flags(ev: dict, t: dict, role: str) -> np.ndarray:
     alone = np.full(ev["p"].shape, t[key])
     if role == "user":
         alone = np.where(ev["idiom"] & ~ev["lex"], np.maximum(alone, t["crisis_idiom"]), alone)
-    out = (ev["p"] >= alone) | (ev["lex"] & (ev["p"] >= t[f"{key}_lexicon_support"]))
+    support = np.full(ev["p"].shape, t[f"{key}_lexicon_support"])
+    if role == "user":
+        support = np.where(ev.get("long", np.zeros(ev["p"].shape, bool)), t["crisis_long_lexicon_support"], support)
+    out = (ev["p"] >= alone) | (ev["lex"] & (ev["p"] >= support))
     if role == "user":
         out |= ev["weak"] & (ev["p"] >= t["crisis_weak_support"])
     return out
@@ -1011,27 +1017,36 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms."""
     pos, neg, ordinary = ev[f"{role}_pos"], ev[f"{role}_neg"], ev[f"{role}_ordinary"]
     sad = ev.get("user_sad") if role == "user" else None
+
+    def allowed(t):
+        if flags(neg, t, role).mean() > MAX_DEV_FALSE_ALARMS:
+            return False
+        if len(ordinary["p"]) and flags(ordinary, t, role).mean() > MAX_DEV_ORDINARY_FLAGS:
+            return False
+        return sad is None or not len(sad["p"]) or flags(sad, t, role).mean() <= MAX_DEV_SAD_FALSE_ALARMS
+
+    def score(t):
+        return (flags(pos, t, role).mean(), -flags(neg, t, role).mean(),
+                -(flags(ordinary, t, role).mean() if len(ordinary["p"]) else 0.0), t[key])
+
     candidates = sorted(set(np.round(np.concatenate([neg["p"], pos["p"]]), 4).tolist()) | {0.5, 0.9, 0.99})
     key = "crisis" if role == "user" else "reply"
     supports = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 2.0)
     best = None
     for alone in candidates:
         for support in supports:
-            for idiom in ((alone, 0.9, 0.97, MAX_IDIOM_THRESHOLD) if role == "user" else (2.0,)):
-                for weak in ((0.3, 0.5, 2.0) if role == "user" else (2.0,)):
-                    t = dict(base, **{key: alone, f"{key}_lexicon_support": support})
-                    if role == "user":
-                        t.update(crisis_idiom=max(idiom, alone), crisis_weak_support=weak)
-                    fa = flags(neg, t, role).mean()
-                    of = flags(ordinary, t, role).mean() if len(ordinary["p"]) else 0.0
-                    if fa > MAX_DEV_FALSE_ALARMS or of > MAX_DEV_ORDINARY_FLAGS:
-                        continue
-                    if sad is not None and len(sad["p"]) and flags(sad, t, role).mean() > MAX_DEV_SAD_FALSE_ALARMS:
-                        continue
-                    rec = flags(pos, t, role).mean()
-                    score = (rec, -fa, -of, alone)
-                    if best is None or score > best[0]:
-                        best = (score, t)
+            # long user messages: a lexicon support of their own, never below the short one
+            for long_support in ([x for x in supports if x >= support] if role == "user" else (2.0,)):
+                for idiom in ((alone, 0.9, 0.97, MAX_IDIOM_THRESHOLD) if role == "user" else (2.0,)):
+                    for weak in ((0.3, 0.5, 2.0) if role == "user" else (2.0,)):
+                        t = dict(base, **{key: alone, f"{key}_lexicon_support": support})
+                        if role == "user":
+                            t.update(crisis_idiom=max(idiom, alone), crisis_weak_support=weak,
+                                     crisis_long_lexicon_support=long_support)
+                        if not allowed(t):
+                            continue
+                        if best is None or score(t) > best[0]:
+                            best = (score(t), t)
     return {k: float(v) for k, v in best[1].items()} if best else dict(base)
 
 
@@ -1218,8 +1233,8 @@ def development_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
 def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out: str, log):
     """Development evidence through guard.Guard, the thresholds by choose_thresholds, written into `out`.
     Returns (thresholds, development report, the guard with them)."""
-    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_weak_support": 2.0,
-            "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
+    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+            "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
     guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
     log("[dev] evidence of the development messages through guard.Guard ...")
@@ -1237,7 +1252,7 @@ def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out
 
 
 def threshold_metrics(chosen: dict, report: dict, guard: G.Guard) -> dict:
-    return {"thresholds": chosen,
+    return {"thresholds": chosen, "inference_dtype": guard.params.compute_dtype,
             "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS,
                                "max_dev_sad_false_alarms": MAX_DEV_SAD_FALSE_ALARMS,
                                "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS,
@@ -1263,6 +1278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tuned_layers", type=int, default=FitOptions.tuned_layers, help="top MiniLM layers adapted")
     ap.add_argument("--compute_dtype", default=FitOptions.compute_dtype, choices=("float32", "bfloat16"),
                     help="the adapted layers' matmul operands in training")
+    ap.add_argument("--inference_dtype", default=None, choices=G.COMPUTE_DTYPES,
+                    help="the guard's dense operands at inference, which the thresholds are chosen on (training: "
+                         "bfloat16 by default; --thresholds_only: the --out file's own)")
     ap.add_argument("--cache_only", action="store_true", help="build and cache the lower-layer states, then stop")
     ap.add_argument("--thresholds_only", action="store_true",
                     help="keep the --out weights, choose their thresholds again on development data, update --metrics")
@@ -1294,6 +1312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.thresholds_only:
         messages = load_messages(args, encoder, lexicon, log)
         params = G.load_guard_params(args.out, encoder.config)
+        params = params.replace(compute_dtype=args.inference_dtype or params.compute_dtype)
         chosen, report, guard = select_thresholds(params, development_groups(messages), encoder, lexicon,
                                                   args.out, log)
         with open(args.metrics, encoding="utf-8") as f:
@@ -1351,6 +1370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     opts = FitOptions(epochs=args.epochs, tuned_layers=args.tuned_layers, compute_dtype=args.compute_dtype)
     params, fit_info = fit(rows, dev_fn, encoder, lower, opts, args.seed, log)
+    params = params.replace(compute_dtype=args.inference_dtype or "bfloat16")
     chosen, report, guard = select_thresholds(params, groups, encoder, lexicon, args.out, log)
     metrics = {
         "command": command_line(argv),
