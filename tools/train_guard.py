@@ -1284,6 +1284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cache_only", action="store_true", help="build and cache the lower-layer states, then stop")
     ap.add_argument("--thresholds_only", action="store_true",
                     help="keep the --out weights, choose their thresholds again on development data, update --metrics")
+    ap.add_argument("--dev_report_only", action="store_true",
+                    help="print the development report of the --out weights with their own thresholds, and stop")
     ap.add_argument("--eval_heldout", default=None, help="score a frozen evalsets/ folder with --out weights (once)")
     ap.add_argument("--report", default=None, help="where --eval_heldout writes its JSON (default: next to the set)")
     ap.add_argument("--markdown", default=None, help="print REWARDS.md tables of an --eval_heldout JSON and stop")
@@ -1307,6 +1309,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(json.dumps({k: report[k] for k in ("crisis_recall", "crisis_false_alarms", "reply_recall",
                                                 "reply_false_alarms")}, indent=1))
         log(f"wrote {path} in {time.time() - t0:.0f}s")
+        return 0
+
+    if args.dev_report_only:
+        guard = G.Guard(encoder=encoder, params=G.load_guard_params(args.out, encoder.config), lexicon=lexicon)
+        groups = development_groups(load_messages(args, encoder, lexicon, log))
+        ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
+        ev["user_sad"] = sad_evidence(ev, groups)
+        thresholds = {k: float(v) for k, v in guard.params.thresholds.items()}
+        report = dev_report(ev, groups, thresholds)
+        log(json.dumps({"weights": args.out, "thresholds": thresholds,
+                        **{k: {kk: vv for kk, vv in v.items() if kk not in ("errors",)} for k, v in report.items()}},
+                       indent=1))
         return 0
 
     if args.thresholds_only:
