@@ -199,7 +199,8 @@ def test_adapted_layers_equal_merged_kernels(tiny, tuned_layers):
 
 def test_bf16_inference_tracks_float32_and_is_kept_in_the_weights_file(tmp_path, tiny):
     """compute_dtype "bfloat16" (round 7 onwards: the thresholds are chosen on that path) runs bf16 dots, stays
-    close to float32, and a weights file keeps the dtype it was tuned with (files without the field: float32)."""
+    close to float32, and a weights file keeps the dtype it was tuned with (files without the field: float32; files
+    without the long-message thresholds: their short-message values)."""
     config, enc_params, params = tiny
     adapter = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(x.size), x.shape), params.adapter)
     params = params.replace(adapter=adapter)
@@ -214,9 +215,13 @@ def test_bf16_inference_tracks_float32_and_is_kept_in_the_weights_file(tmp_path,
     G.save_guard_params(bf16_params, str(tmp_path / "g.npz"))
     assert G.load_guard_params(str(tmp_path / "g.npz"), config).compute_dtype == "bfloat16"
     with np.load(tmp_path / "g.npz") as npz:
-        old = {k: npz[k] for k in npz.files if k != "inference/compute_dtype"}
+        new_fields = ["inference/compute_dtype"] + [f"thresholds/{k}" for k in G.THRESHOLD_FALLBACKS]
+        old = {k: npz[k] for k in npz.files if k not in new_fields}
     np.savez(tmp_path / "old.npz", **old)
-    assert G.load_guard_params(str(tmp_path / "old.npz"), config).compute_dtype == "float32"
+    old_params = G.load_guard_params(str(tmp_path / "old.npz"), config)
+    assert old_params.compute_dtype == "float32"
+    for key, fallback in G.THRESHOLD_FALLBACKS.items():  # a file from before a key decides as it did
+        assert float(old_params.thresholds[key]) == float(old_params.thresholds[fallback])
     np.savez(tmp_path / "bad.npz", **old, **{"inference/compute_dtype": np.asarray("float8")})
     with pytest.raises(G.GuardFileError, match="bad.npz.*inference/compute_dtype"):
         G.load_guard_params(str(tmp_path / "bad.npz"), config)
@@ -579,8 +584,9 @@ def test_rating_page_flags_come_from_the_guard(guard, monkeypatch):
 
 def test_decide_uses_the_long_lexicon_support_only_for_long_user_messages():
     """`decide` on made-up evidence: a lexicon hit at p 0.3 flags a short user message (support 0.1) but not one
-    over LONG_TOKENS tokens (long support 0.5); replies never use the long value."""
-    t = {"crisis": 0.99, "crisis_idiom": 0.99, "crisis_lexicon_support": 0.1, "crisis_long_lexicon_support": 0.5,
+    over LONG_TOKENS tokens (long support 0.5); p 0.992 alone flags a short message (threshold 0.99) but not a long
+    one (0.995); replies never use the long values."""
+    t = {"crisis": 0.99, "crisis_long": 0.995, "crisis_idiom": 0.99, "crisis_lexicon_support": 0.1, "crisis_long_lexicon_support": 0.5,
          "crisis_weak_support": 2.0, "reply": 0.99, "reply_lexicon_support": 0.1, "category": 0.5}
     hit = [("suicidal_ideation", "suicidal_ideation", "suicide")]
     ev = {"probability": 0.3, "categories": np.zeros(6), "lexicon": hit, "idiom": False, "weak": False}
@@ -588,3 +594,7 @@ def test_decide_uses_the_long_lexicon_support_only_for_long_user_messages():
     assert not G.decide(dict(ev, tokens=G.LONG_TOKENS + 1), "user", t).crisis
     assert G.decide(dict(ev, tokens=G.LONG_TOKENS + 1, probability=0.6), "user", t).crisis
     assert G.decide(dict(ev, tokens=G.LONG_TOKENS + 1), "reply", t).harmful
+    alone = dict(ev, lexicon=[], probability=0.992)
+    assert G.decide(dict(alone, tokens=10), "user", t).crisis
+    assert not G.decide(dict(alone, tokens=G.LONG_TOKENS + 1), "user", t).crisis
+    assert G.decide(dict(alone, tokens=G.LONG_TOKENS + 1, probability=0.996), "user", t).crisis

@@ -19,7 +19,7 @@ def _evidence(p, idiom=None, lex=None, long=None):
     return {"p": p, "lex": mark(lex), "idiom": mark(idiom), "weak": mark(None), "long": mark(long)}
 
 
-BASE = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+BASE = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
         "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
 
 
@@ -94,3 +94,18 @@ def test_long_messages_get_their_own_lexicon_support():
     ev["user_neg"] = _evidence(neg_p, lex=np.r_[np.zeros(90), np.ones(10)])
     t_short = T.choose_thresholds(ev, "user", BASE)
     assert T.flags(pos, t_short, "user").mean() < 1.0
+
+
+def test_long_messages_get_a_threshold_within_their_own_bound():
+    """Long negatives whose max-over-windows score reaches 0.92 (8 of 40: 20%, while 8 of 240 negatives in all is
+    within the overall 4%) break MAX_DEV_LONG_FALSE_ALARMS at the short messages' threshold; the long threshold is
+    raised above them while the short one stays."""
+    pos = _evidence(np.r_[np.linspace(0.8, 1.0, 90), np.full(10, 0.97)], long=np.r_[np.zeros(90), np.ones(10)])
+    neg = _evidence(np.r_[np.full(200, 0.1), np.full(8, 0.92), np.full(32, 0.2)],
+                    long=np.r_[np.zeros(200), np.ones(40)])
+    ev = {"user_pos": pos, "user_neg": neg, "user_ordinary": _evidence(np.full(50, 0.05))}
+    t = T.choose_thresholds(ev, "user", BASE)
+    assert t["crisis"] <= 0.92 < t["crisis_long"] <= 0.97
+    long_neg = T.long_negative_evidence(ev)
+    assert len(long_neg["p"]) == 40 and T.flags(long_neg, t, "user").mean() <= T.MAX_DEV_LONG_FALSE_ALARMS
+    assert T.flags(pos, t, "user")[90:].all()

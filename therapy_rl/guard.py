@@ -71,10 +71,11 @@ FORMAT_VERSION = 3  # 3 adds adapter/tuned_layers; 2 (two tuned layers) is still
 # crisis_weak_support: head probability that confirms a weak lexicon phrase (means and distress words).
 # crisis_long_lexicon_support: the same for messages over LONG_TOKENS tokens (a long text about someone
 # else's crisis or a professional one holds crisis phrases without being one).
-THRESHOLD_KEYS = ("crisis", "crisis_idiom", "crisis_lexicon_support", "crisis_long_lexicon_support",
+# crisis_long: the head-alone threshold of long user messages (their score is a max over more windows).
+THRESHOLD_KEYS = ("crisis", "crisis_long", "crisis_idiom", "crisis_lexicon_support", "crisis_long_lexicon_support",
                   "crisis_weak_support", "reply", "reply_lexicon_support", "category")
 # Keys added after the first files, and the key whose value an older file uses for them (same behaviour).
-THRESHOLD_FALLBACKS = {"crisis_long_lexicon_support": "crisis_lexicon_support"}
+THRESHOLD_FALLBACKS = {"crisis_long": "crisis", "crisis_long_lexicon_support": "crisis_lexicon_support"}
 LONG_TOKENS = WINDOW_SIZE + WINDOW_STRIDE  # a message is long above this many tokens of its own (3+ windows alone)
 # crisis_lexicon.json's strong categories -> guard categories.
 LEXICON_TO_CRISIS = {"suicidal_ideation": "suicidal_ideation", "self_harm": "self_harm",
@@ -149,6 +150,7 @@ def init_guard_params(rng: jax.Array, encoder_config: encoder_lib.BertConfig | N
     thresholds = {k: jnp.asarray(0.5, jnp.float32) for k in THRESHOLD_KEYS}
     thresholds["crisis_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
     thresholds["crisis_long_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
+    thresholds["crisis_long"] = jnp.asarray(0.5, jnp.float32)
     thresholds["crisis_idiom"] = jnp.asarray(0.9, jnp.float32)
     thresholds["crisis_weak_support"] = jnp.asarray(2.0, jnp.float32)
     thresholds["reply_lexicon_support"] = jnp.asarray(0.2, jnp.float32)
@@ -316,15 +318,30 @@ def merged_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[st
     return out
 
 
+def inference_layers(params: GuardParams, encoder_params: Any) -> dict:
+    """{layer name: merged layer params} of the adapted layers, kernels already in params.compute_dtype. Jittable;
+    `Guard` computes it once at load, the reward inside its jit (a small cost beside a batch)."""
+    dtype = jnp.dtype(params.compute_dtype)
+    out = {}
+    for name in adapter_layer_names(params.adapter):
+        layer = merged_layer_params(encoder_params[name], params.adapter[name])
+        for target in LORA_TARGETS:
+            layer[target]["kernel"] = layer[target]["kernel"].astype(dtype)
+        out[name] = layer
+    return out
+
+
 def window_features(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
-                    ids: jax.Array, mask: jax.Array) -> jax.Array:
+                    ids: jax.Array, mask: jax.Array, layers: Mapping[str, Any] | None = None) -> jax.Array:
     """[B, T] rows ([CLS] content [SEP], right padding) -> features [B, 1152], the inference path: adapters
-    merged into the kernels, dense operands in params.compute_dtype (float32 accumulation)."""
+    merged into the kernels, dense operands in params.compute_dtype (float32 accumulation). layers: the
+    precomputed `inference_layers(params, encoder_params)` (None: computed here)."""
+    layers = inference_layers(params, encoder_params) if layers is None else layers
     x = lower_states(encoder_config, encoder_params, ids, mask, len(params.adapter)).astype(jnp.float32)
     bias = _attention_bias(mask, x.dtype)
     layer_module = encoder_lib.BertLayer(encoder_config, compute_dtype=params.compute_dtype)
     for name in adapter_layer_names(params.adapter):
-        x = layer_module.apply({"params": merged_layer_params(encoder_params[name], params.adapter[name])}, x, bias)
+        x = layer_module.apply({"params": layers[name]}, x, bias)
     return pooled_features(x, mask)
 
 
@@ -418,12 +435,12 @@ def window_rows(ids: jax.Array, mask: jax.Array, start: jax.Array, special: tupl
 
 def window_probabilities(params: GuardParams, head: Mapping[str, jax.Array], encoder_config: encoder_lib.BertConfig,
                          encoder_params: Any, ids: jax.Array, mask: jax.Array, start: jax.Array,
-                         special: tuple[int, int, int]):
+                         special: tuple[int, int, int], layers: Mapping[str, Any] | None = None):
     """(P(flag) [B, N], P(category) [B, N, 6], valid [B, N]) over the windows of each row."""
     win_ids, win_mask, valid = window_rows(ids, mask, start, special)
     batch, num, width = win_ids.shape
     feats = window_features(params, encoder_config, encoder_params, win_ids.reshape(batch * num, width),
-                            win_mask.reshape(batch * num, width))
+                            win_mask.reshape(batch * num, width), layers)
     prob, cats = head_probabilities(head, feats)
     return prob.reshape(batch, num), cats.reshape(batch, num, -1), valid
 
@@ -441,15 +458,17 @@ def _pool(prob: jax.Array, cats: jax.Array, valid: jax.Array, threshold: jax.Arr
 
 def crisis_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
                   ids: jax.Array, mask: jax.Array, start: jax.Array | None = None,
-                  special: tuple[int, int, int] = (101, 102, 0)) -> dict[str, jax.Array]:
+                  special: tuple[int, int, int] = (101, 102, 0),
+                  layers: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
     """Jittable (encoder_config and special static). ids, mask [B, T] MiniLM rows ([CLS] content [SEP], right
-    padding; any T >= 3); start [B] content index of the current message (None: 0; earlier turns before it).
+    padding; any T >= 3); start [B] content index of the current message (None: 0; earlier turns before it);
+    layers: precomputed `inference_layers` (None: computed inside).
 
     Returns {"probability": [B] max-window P(crisis), "categories": [B, 6] P(category), "flag": [B] int32 head
     decision (without the lexicon)}."""
     start = jnp.zeros((ids.shape[0],), jnp.int32) if start is None else start
     prob, cats, valid = window_probabilities(params, params.crisis, encoder_config, encoder_params, ids, mask, start,
-                                             special)
+                                             special, layers)
     threshold = params.thresholds["crisis"]
     best, categories = _pool(prob, cats, valid, threshold)
     return {"probability": best, "categories": categories, "flag": (best >= threshold).astype(jnp.int32)}
@@ -457,7 +476,8 @@ def crisis_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, e
 
 def reply_harm_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, encoder_params: Any,
                       ids: jax.Array, mask: jax.Array, start: jax.Array | None = None,
-                      special: tuple[int, int, int] = (101, 102, 0)) -> dict[str, jax.Array]:
+                      special: tuple[int, int, int] = (101, 102, 0),
+                      layers: Mapping[str, Any] | None = None) -> dict[str, jax.Array]:
     """Jittable (encoder_config and special static). ids, mask [B, T] the reply's MiniLM rows; start [B] where the
     reply begins when the answered user message is put in front of it (None: the reply alone, as in the reward).
 
@@ -465,7 +485,7 @@ def reply_harm_scores(params: GuardParams, encoder_config: encoder_lib.BertConfi
     As a reward penalty: `-weight * probability` (or `* flag`)."""
     start = jnp.zeros((ids.shape[0],), jnp.int32) if start is None else start
     prob, cats, valid = window_probabilities(params, params.reply, encoder_config, encoder_params, ids, mask, start,
-                                             special)
+                                             special, layers)
     threshold = params.thresholds["reply"]
     best, categories = _pool(prob, cats, valid, threshold)
     return {"probability": best, "categories": categories, "flag": (best >= threshold).astype(jnp.int32)}
@@ -558,6 +578,7 @@ class Guard:
         from therapy_rl.rewards import safety
 
         self.encoder = encoder or encoder_lib.load_sentence_encoder()
+        self._inference_layers = jax.jit(inference_layers)
         self.params = params or load_guard_params(encoder_config=self.encoder.config)
         self.lexicon = (lexicon or safety.build_safety_lexicon(self.encoder.tokenizer)) if use_lexicon else None
         tok = self.encoder.tokenizer
@@ -565,6 +586,16 @@ class Guard:
         self._lock = threading.Lock()  # jitted calls are thread-safe; the lock keeps the API's order simple
         self._crisis = jax.jit(_crisis_with_lexicon, static_argnums=(1, 6, 7))
         self._reply = jax.jit(_reply_with_lexicon, static_argnums=(1, 6, 7))
+
+    @property
+    def params(self) -> GuardParams:
+        return self._params
+
+    @params.setter
+    def params(self, params: GuardParams) -> None:
+        """New params: their merged layers are computed once here, not on every check."""
+        self._params = params
+        self._layers = self._inference_layers(params, self.encoder.params)
 
     # ------------------------------------------------------------------ tokens
     def content_ids(self, text: str) -> list[int]:
@@ -615,7 +646,7 @@ class Guard:
         fn = self._crisis if user else self._reply
         with self._lock:
             out = jax.device_get(fn(self.params, self.encoder.config, self.encoder.params, self.lexicon, ids, mask,
-                                    self.special, self.lexicon is not None, start))
+                                    self.special, self.lexicon is not None, start, self._layers))
         table, lexicon_map = ("crisis_strong", LEXICON_TO_CRISIS) if user else ("harm_encouragement", LEXICON_TO_REPLY)
         return dict(self._explain(out, table, lexicon_map), tokens=len(current))
 
@@ -633,15 +664,15 @@ class Guard:
 
 
 def decide(evidence: Mapping[str, Any], role: str, thresholds: Mapping[str, Any]) -> GuardResult:
-    """The flag rule: head probability >= threshold, or a lexicon hit with probability >= lexicon support (its own
-    value for long user messages).
+    """The flag rule: head probability >= threshold, or a lexicon hit with probability >= lexicon support (long user
+    messages have their own threshold and support).
     Categories: the lexicon's, plus every head category >= thresholds["category"] (else the top one)."""
     user = role in USER_ROLES
     key, names = ("crisis", CRISIS_CATEGORIES) if user else ("reply", REPLY_CATEGORIES)
     p = float(evidence["probability"])
     alone, support = float(thresholds[key]), float(thresholds[f"{key}_lexicon_support"])
     if user and evidence.get("tokens", 0) > LONG_TOKENS:
-        support = float(thresholds["crisis_long_lexicon_support"])
+        alone, support = float(thresholds["crisis_long"]), float(thresholds["crisis_long_lexicon_support"])
     if user and evidence.get("idiom") and not evidence["lexicon"]:
         alone = max(alone, float(thresholds["crisis_idiom"]))  # an idiom explains crisis words away
     reasons, cats = [], set()
@@ -672,8 +703,9 @@ def _current_mask(mask, start):
     return ((mask > 0) & (position >= start[:, None] + 1)).astype(jnp.int32)
 
 
-def _crisis_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start):
-    out = crisis_scores(params, encoder_config, encoder_params, ids, mask, start, special)
+def _crisis_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start,
+                         layers=None):
+    out = crisis_scores(params, encoder_config, encoder_params, ids, mask, start, special, layers)
     if use_lexicon:
         from therapy_rl.rewards import safety
 
@@ -684,8 +716,9 @@ def _crisis_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, m
     return out
 
 
-def _reply_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start):
-    out = reply_harm_scores(params, encoder_config, encoder_params, ids, mask, start, special)
+def _reply_with_lexicon(params, encoder_config, encoder_params, lexicon, ids, mask, special, use_lexicon, start,
+                        layers=None):
+    out = reply_harm_scores(params, encoder_config, encoder_params, ids, mask, start, special, layers)
     if use_lexicon:
         from therapy_rl.rewards import safety
 

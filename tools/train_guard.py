@@ -95,6 +95,10 @@ MAX_IDIOM_THRESHOLD = 0.99
 # sadness is the guard's most visible mistake in chat.
 MAX_DEV_SAD_FALSE_ALARMS = 0.08
 SAD_SOURCE = re.compile(r"sad|low_mood|venting|physical_pain")
+# Long user negatives (over guard.LONG_TOKENS tokens, written and dataset text) get the issue's own 5% (round 7
+# onwards): a long message's score is a max over 3+ windows, and round 7's first thresholds flagged a plain diary
+# of a day (tests/test_guard.py) at p 0.91. The long messages' threshold is chosen under it (`_choose_long`).
+MAX_DEV_LONG_FALSE_ALARMS = 0.05
 
 
 # ============================================================================ written examples
@@ -993,12 +997,11 @@ def evidence_arrays(guard: G.Guard, messages: Sequence[Message]) -> dict:
 def flags(ev: dict, t: dict, role: str) -> np.ndarray:
     """Vectorised `guard.decide` (the flag only)."""
     key = "crisis" if role == "user" else "reply"
-    alone = np.full(ev["p"].shape, t[key])
+    long = ev.get("long", np.zeros(ev["p"].shape, bool)) if role == "user" else np.zeros(ev["p"].shape, bool)
+    alone = np.where(long, t.get("crisis_long", t[key]), t[key])
     if role == "user":
         alone = np.where(ev["idiom"] & ~ev["lex"], np.maximum(alone, t["crisis_idiom"]), alone)
-    support = np.full(ev["p"].shape, t[f"{key}_lexicon_support"])
-    if role == "user":
-        support = np.where(ev.get("long", np.zeros(ev["p"].shape, bool)), t["crisis_long_lexicon_support"], support)
+    support = np.where(long, t.get("crisis_long_lexicon_support", 2.0), t[f"{key}_lexicon_support"])
     out = (ev["p"] >= alone) | (ev["lex"] & (ev["p"] >= support))
     if role == "user":
         out |= ev["weak"] & (ev["p"] >= t["crisis_weak_support"])
@@ -1011,17 +1014,30 @@ def sad_evidence(ev: dict, groups: dict) -> dict:
     return {k: v[keep] for k, v in ev["user_neg"].items()}
 
 
+def long_negative_evidence(ev: dict) -> dict:
+    """The long user development negatives (written and dataset text), as evidence."""
+    parts = [ev[name] for name in ("user_neg", "user_ordinary") if name in ev and len(ev[name]["p"])]
+    keep = [part.get("long", np.zeros(part["p"].shape, bool)) for part in parts]
+    return {k: np.concatenate([part[k][m] for part, m in zip(parts, keep)]) for k in parts[0]} if parts else {}
+
+
 def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     """The setting with the highest development recall whose false alarms stay within MAX_DEV_FALSE_ALARMS on
     hand-written hard negatives, MAX_DEV_SAD_FALSE_ALARMS on their sad subset (ev["user_sad"], when given) and
-    MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms."""
+    MAX_DEV_ORDINARY_FLAGS on dataset text; ties: fewer false alarms. For user messages, a second pass then chooses
+    the long messages' own threshold and lexicon support (the rest fixed) under the same bounds plus
+    MAX_DEV_LONG_FALSE_ALARMS on long negatives."""
     pos, neg, ordinary = ev[f"{role}_pos"], ev[f"{role}_neg"], ev[f"{role}_ordinary"]
     sad = ev.get("user_sad") if role == "user" else None
+    long_neg = long_negative_evidence(ev) if role == "user" else {}
 
-    def allowed(t):
+    def allowed(t, long_bound=False):
         if flags(neg, t, role).mean() > MAX_DEV_FALSE_ALARMS:
             return False
         if len(ordinary["p"]) and flags(ordinary, t, role).mean() > MAX_DEV_ORDINARY_FLAGS:
+            return False
+        if long_bound and long_neg and len(long_neg["p"]) and \
+                flags(long_neg, t, role).mean() > MAX_DEV_LONG_FALSE_ALARMS:
             return False
         return sad is None or not len(sad["p"]) or flags(sad, t, role).mean() <= MAX_DEV_SAD_FALSE_ALARMS
 
@@ -1035,19 +1051,43 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
     best = None
     for alone in candidates:
         for support in supports:
-            # long user messages: a lexicon support of their own, never below the short one
+            # long user messages: the same head threshold in this pass, a lexicon support of their own (never
+            # below the short one)
             for long_support in ([x for x in supports if x >= support] if role == "user" else (2.0,)):
                 for idiom in ((alone, 0.9, 0.97, MAX_IDIOM_THRESHOLD) if role == "user" else (2.0,)):
                     for weak in ((0.3, 0.5, 2.0) if role == "user" else (2.0,)):
                         t = dict(base, **{key: alone, f"{key}_lexicon_support": support})
                         if role == "user":
-                            t.update(crisis_idiom=max(idiom, alone), crisis_weak_support=weak,
+                            t.update(crisis_idiom=max(idiom, alone), crisis_weak_support=weak, crisis_long=alone,
                                      crisis_long_lexicon_support=long_support)
                         if not allowed(t):
                             continue
                         if best is None or score(t) > best[0]:
                             best = (score(t), t)
-    return {k: float(v) for k, v in best[1].items()} if best else dict(base)
+    if best is None:
+        return dict(base)
+    if role == "user":
+        best = _choose_long(best[1], pos, long_neg, supports + (0.9, 0.99), allowed, score)
+    return {k: float(v) for k, v in best[1].items()}
+
+
+def _choose_long(chosen: dict, pos: dict, long_neg: dict, supports, allowed, score) -> tuple:
+    """The long user messages' threshold and lexicon support: the best development score within every bound,
+    the long one included; if none is within it, the setting with the fewest long false alarms."""
+    long_p = [pos["p"][pos.get("long", np.zeros(pos["p"].shape, bool))], long_neg.get("p", np.zeros(0))]
+    candidates = sorted(set(np.round(np.concatenate(long_p), 4).tolist()) | {chosen["crisis"], 0.99, 2.0})
+    best, fallback = None, None
+    for long_alone in candidates:
+        for long_support in supports:
+            t = dict(chosen, crisis_long=long_alone, crisis_long_lexicon_support=long_support)
+            if allowed(t, long_bound=True):
+                if best is None or score(t) > best[0]:
+                    best = (score(t), t)
+            elif long_neg and len(long_neg["p"]):
+                key = (-flags(long_neg, t, "user").mean(), score(t))
+                if fallback is None or key > fallback[0]:
+                    fallback = (key, t)
+    return best or (fallback[0][1], fallback[1])
 
 
 def rate_summary(flagged: Sequence[bool]) -> dict:
@@ -1076,6 +1116,9 @@ def dev_report(ev: dict, groups: dict, t: dict) -> dict:
                                        for m in wrong][:80]
     if "user_sad" in ev:
         out["user_neg_sad"] = rate_summary(flags(ev["user_sad"], t, "user"))
+    for name in ("user_pos", "user_neg", "user_ordinary"):
+        long = ev[name].get("long", np.zeros(ev[name]["p"].shape, bool))
+        out[f"{name}_long"] = rate_summary(flags(ev[name], t, "user")[long])
     return out
 
 
@@ -1233,7 +1276,7 @@ def development_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
 def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out: str, log):
     """Development evidence through guard.Guard, the thresholds by choose_thresholds, written into `out`.
     Returns (thresholds, development report, the guard with them)."""
-    base = {"crisis": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+    base = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
             "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
     guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
@@ -1256,6 +1299,7 @@ def threshold_metrics(chosen: dict, report: dict, guard: G.Guard) -> dict:
             "threshold_rule": {"max_dev_false_alarms": MAX_DEV_FALSE_ALARMS,
                                "max_dev_sad_false_alarms": MAX_DEV_SAD_FALSE_ALARMS,
                                "max_dev_ordinary_flags": MAX_DEV_ORDINARY_FLAGS,
+                               "max_dev_long_false_alarms": MAX_DEV_LONG_FALSE_ALARMS,
                                "max_idiom_threshold": MAX_IDIOM_THRESHOLD},
             "development": report,
             "issue_missed_messages": [dataclasses.asdict(guard.check(t)) for t in ISSUE_MISSED]}
