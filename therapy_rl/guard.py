@@ -7,7 +7,8 @@ The model: the project's MiniLM (all-MiniLM-L6-v2 from the pip package) with its
 is stored in the weights file) fine-tuned through low-rank adapters (LoRA, rank LORA_RANK, beside every dense kernel
 of those layers, plus LayerNorm offsets), and one small head per role over [CLS, mean, max] of the last layer's
 token states.
-Only the adapters and heads are stored (`rewards/weights/guard.npz`, ~2 MB); the base weights come from the package.
+Only the adapters, heads and thresholds are stored (`rewards/weights/guard.npz`, ~3.6 MB); the base weights come
+from the package.
 
 How a text is read (every token, any length):
 - The MiniLM token ids are cut into overlapping windows of WINDOW_SIZE content tokens with stride WINDOW_STRIDE (any
@@ -19,11 +20,11 @@ How a text is read (every token, any length):
 - Replies: the user message being answered (its last CONTEXT_TOKENS tokens) is put in front of the reply the same
   way; without one the reply is read alone (as in the reward).
 - The curated lexicon (`rewards/lexicon/crisis_lexicon.json`) is a second signal (rule: `decide`, thresholds in the
-  weights file, chosen on development data).
+  weights file, chosen on development data; user messages over LONG_TOKENS tokens have their own).
 
-Held-out quality of the shipped weights (round 6, all six layers adapted; REWARDS.md, "Guard"; evalsets/guard_v4,
-scored once): crisis recall 0.83 at 5.8% false alarms, reply recall 0.82 at 0%: below the 0.95 target, so this
-guard misses about one crisis message in six and one harmful reply in five.
+Held-out quality of the shipped weights (round 7, all six layers adapted, bf16 inference; REWARDS.md, "Guard";
+evalsets/guard_v5, scored once): crisis recall 0.90 at 3.9% false alarms, reply recall 0.83 at 0%: below the 0.95
+target, so this guard misses about one crisis message in ten and one harmful reply in six.
 
 Jittable entry points for the reward: `crisis_scores`, `reply_harm_scores` (shapes in the docstrings).
 Weights are built by `tools/train_guard.py` (REWARDS.md).
