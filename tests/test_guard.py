@@ -582,11 +582,12 @@ def test_rating_page_flags_come_from_the_guard(guard, monkeypatch):
     assert not flags[2].flagged
 
 
-def test_decide_uses_the_long_lexicon_support_only_for_long_user_messages():
+def test_decide_uses_the_long_thresholds_only_for_long_user_messages():
     """`decide` on made-up evidence: a lexicon hit at p 0.3 flags a short user message (support 0.1) but not one
     over LONG_TOKENS tokens (long support 0.5); p 0.992 alone flags a short message (threshold 0.99) but not a long
     one (0.995); replies never use the long values."""
-    t = {"crisis": 0.99, "crisis_long": 0.995, "crisis_idiom": 0.99, "crisis_lexicon_support": 0.1, "crisis_long_lexicon_support": 0.5,
+    t = {"crisis": 0.99, "crisis_long": 0.995, "crisis_idiom": 0.99, "crisis_lexicon_support": 0.1,
+         "crisis_long_lexicon_support": 0.5,
          "crisis_weak_support": 2.0, "reply": 0.99, "reply_lexicon_support": 0.1, "category": 0.5}
     hit = [("suicidal_ideation", "suicidal_ideation", "suicide")]
     ev = {"probability": 0.3, "categories": np.zeros(6), "lexicon": hit, "idiom": False, "weak": False}

@@ -19,7 +19,8 @@ def _evidence(p, idiom=None, lex=None, long=None):
     return {"p": p, "lex": mark(lex), "idiom": mark(idiom), "weak": mark(None), "long": mark(long)}
 
 
-BASE = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+BASE = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0,
+        "crisis_long_lexicon_support": 2.0,
         "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
 
 

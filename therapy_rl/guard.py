@@ -296,8 +296,8 @@ def adapted_layer_params(base_layer: Mapping[str, Any], adapter_layer: Mapping[s
 def upper_features(encoder_config: encoder_lib.BertConfig, encoder_params: Any, adapter: Mapping[str, Any],
                    states: jax.Array, mask: jax.Array, compute_dtype: str = "float32") -> jax.Array:
     """The training path (adapters beside the kernels, differentiable): lower states [B, T, 384] -> the adapted
-    top layers -> features [B, 1152] = [CLS, masked mean, masked max]. compute_dtype "bfloat16" runs the base kernels on bf16 operands with float32 accumulation; the
-    adapters, attention and LayerNorms stay float32."""
+    top layers -> features [B, 1152] = [CLS, masked mean, masked max]. compute_dtype "bfloat16" runs the base
+    kernels on bf16 operands with float32 accumulation; the adapters, attention and LayerNorms stay float32."""
     x = states.astype(jnp.float32)
     bias = _attention_bias(mask, x.dtype)
     layer_module = encoder_lib.BertLayer(encoder_config, compute_dtype=compute_dtype, lora_rank=LORA_RANK,
@@ -466,7 +466,7 @@ def crisis_scores(params: GuardParams, encoder_config: encoder_lib.BertConfig, e
     layers: precomputed `inference_layers` (None: computed inside).
 
     Returns {"probability": [B] max-window P(crisis), "categories": [B, 6] P(category), "flag": [B] int32 head
-    decision (without the lexicon)}."""
+    decision at thresholds["crisis"] (without the lexicon and the long-message thresholds, which `decide` adds)}."""
     start = jnp.zeros((ids.shape[0],), jnp.int32) if start is None else start
     prob, cats, valid = window_probabilities(params, params.crisis, encoder_config, encoder_params, ids, mask, start,
                                              special, layers)

@@ -1276,7 +1276,8 @@ def development_groups(messages: Sequence[Message]) -> dict[str, list[Message]]:
 def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out: str, log):
     """Development evidence through guard.Guard, the thresholds by choose_thresholds, written into `out`.
     Returns (thresholds, development report, the guard with them)."""
-    base = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0, "crisis_long_lexicon_support": 2.0,
+    base = {"crisis": 0.5, "crisis_long": 0.5, "crisis_idiom": 0.9, "crisis_lexicon_support": 2.0,
+            "crisis_long_lexicon_support": 2.0,
             "crisis_weak_support": 2.0, "reply": 0.5, "reply_lexicon_support": 2.0, "category": 0.5}
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
     guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
