@@ -8,7 +8,7 @@ Training data (REWARDS.md, "Guard"):
 - written examples: the plain-sentence files of PLAIN_EXAMPLES (round 2's v2, round 3's v3a/v3b, round 6's
   v4c/v4d), `tools/guard_examples_user.json` and `guard_examples_reply.json` (round-1 patterns, sampled into
   variants), issue 11's own texts;
-- the spent held-out sets of SPENT_SETS (guard_v1 to guard_v4, each scored once) and the earlier hand-written sets
+- the spent held-out sets of SPENT_SETS (guard_v1 to guard_v5, each scored once) and the earlier hand-written sets
   of tests/test_safety.py; half of each (stable hash of the row) trains, half is development data;
 - datasets: sdcnl and reddit_cssrs (crisis positives, noisy, low weight), depression_severity, GoEmotions,
   EmpatheticDialogues, ESConv, CounselChat, AnnoMI, MESC (negatives; supporter turns for replies);
@@ -58,17 +58,21 @@ PLAIN_EXAMPLES = {"v2": os.path.join(TOOLS_DIR, "guard_examples_v2.json"),
                   "v4c": os.path.join(TOOLS_DIR, "guard_examples_v4c.json"),
                   "v4d": os.path.join(TOOLS_DIR, "guard_examples_v4d.json"),
                   "v5e": os.path.join(TOOLS_DIR, "guard_examples_v5e.json"),
-                  "v5f": os.path.join(TOOLS_DIR, "guard_examples_v5f.json")}
+                  "v5f": os.path.join(TOOLS_DIR, "guard_examples_v5f.json"),
+                  "v6g": os.path.join(TOOLS_DIR, "guard_examples_v6g.json"),
+                  "v6h": os.path.join(TOOLS_DIR, "guard_examples_v6h.json")}
 # Sources written for the guard (message source prefixes); everything else comes from datasets.
 # plain example files and spent held-out sets
-SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v4c_", "v4d_", "v5e_", "v5f_", "v1_", "s2_", "s3_", "s4_")
+SET_AND_PLAIN_PREFIXES = ("v2_", "v3a_", "v3b_", "v4c_", "v4d_", "v5e_", "v5f_", "v6g_", "v6h_", "v1_", "s2_", "s3_",
+                          "s4_", "s5_")
 WRITTEN_PREFIXES = SET_AND_PLAIN_PREFIXES + ("r1_", "previous_")
-PLAIN_TAGS = ("v2", "v3a", "v3b", "v4c", "v4d", "v5e", "v5f")
+PLAIN_TAGS = ("v2", "v3a", "v3b", "v4c", "v4d", "v5e", "v5f", "v6g", "v6h")
 # Categories of the written sets that the guard's heads know under another name.
 CATEGORY_ALIASES = {"minimises_crisis": "encourages_self_harm", "suicidal_ideation_goodbye": "suicidal_ideation"}
 # Held-out sets already scored (tag -> folder): spent, so training and development data since.
 SPENT_SETS = {"v1": os.path.join(REPO, "evalsets", "guard_v1"), "s2": os.path.join(REPO, "evalsets", "guard_v2"),
-              "s3": os.path.join(REPO, "evalsets", "guard_v3"), "s4": os.path.join(REPO, "evalsets", "guard_v4")}
+              "s3": os.path.join(REPO, "evalsets", "guard_v3"), "s4": os.path.join(REPO, "evalsets", "guard_v4"),
+              "s5": os.path.join(REPO, "evalsets", "guard_v5")}
 METRICS_FILE = os.path.join(REPO, "therapy_rl", "rewards", "weights", "guard_metrics.json")
 K_FOLDS = 5  # round-1 pattern folds; fold0 is development data
 CRISIS_TEXT = re.compile(r"suicid|kill(ed|ing)? (my|him|her|them)sel(f|ves)|want(ed)? to die|self.?harm|overdos|"
