@@ -664,6 +664,11 @@ class Guard:
                 "weak": bool(np.asarray(out.get("weak", [False]))[0])}
 
 
+def is_long_user_message(evidence: Mapping[str, Any], role: str) -> bool:
+    """Whether `decide` reads this message under the long-message thresholds."""
+    return role in USER_ROLES and evidence.get("tokens", 0) > LONG_TOKENS
+
+
 def decide(evidence: Mapping[str, Any], role: str, thresholds: Mapping[str, Any]) -> GuardResult:
     """The flag rule: head probability >= threshold, or a lexicon hit with probability >= lexicon support (long user
     messages have their own threshold and support).
@@ -672,7 +677,7 @@ def decide(evidence: Mapping[str, Any], role: str, thresholds: Mapping[str, Any]
     key, names = ("crisis", CRISIS_CATEGORIES) if user else ("reply", REPLY_CATEGORIES)
     p = float(evidence["probability"])
     alone, support = float(thresholds[key]), float(thresholds[f"{key}_lexicon_support"])
-    if user and evidence.get("tokens", 0) > LONG_TOKENS:
+    if is_long_user_message(evidence, role):
         alone, support = float(thresholds["crisis_long"]), float(thresholds["crisis_long_lexicon_support"])
     if user and evidence.get("idiom") and not evidence["lexicon"]:
         alone = max(alone, float(thresholds["crisis_idiom"]))  # an idiom explains crisis words away

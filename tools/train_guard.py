@@ -993,15 +993,27 @@ def evidence_arrays(guard: G.Guard, messages: Sequence[Message]) -> dict:
         lex.append(bool(e["lexicon"]))
         idiom.append(e["idiom"])
         weak.append(e["weak"])
-        long.append(m.role == "user" and e["tokens"] > G.LONG_TOKENS)
+        long.append(G.is_long_user_message(e, m.role))
     return {"p": np.asarray(p), "lex": np.asarray(lex, bool), "idiom": np.asarray(idiom, bool),
             "weak": np.asarray(weak, bool), "long": np.asarray(long, bool)}
+
+
+def development_evidence(guard: G.Guard, groups: dict) -> dict:
+    """Evidence of every development group through `guard`, plus the sad user negatives (ev["user_sad"])."""
+    ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
+    ev["user_sad"] = sad_evidence(ev, groups)
+    return ev
+
+
+def long_mask(ev: dict) -> np.ndarray:
+    """[N] bool: the evidence rows read under the long-message thresholds (none when ev has no "long")."""
+    return ev.get("long", np.zeros(ev["p"].shape, bool))
 
 
 def flags(ev: dict, t: dict, role: str) -> np.ndarray:
     """Vectorised `guard.decide` (the flag only)."""
     key = "crisis" if role == "user" else "reply"
-    long = ev.get("long", np.zeros(ev["p"].shape, bool)) if role == "user" else np.zeros(ev["p"].shape, bool)
+    long = long_mask(ev) if role == "user" else np.zeros(ev["p"].shape, bool)
     alone = np.where(long, t.get("crisis_long", t[key]), t[key])
     if role == "user":
         alone = np.where(ev["idiom"] & ~ev["lex"], np.maximum(alone, t["crisis_idiom"]), alone)
@@ -1021,7 +1033,7 @@ def sad_evidence(ev: dict, groups: dict) -> dict:
 def long_negative_evidence(ev: dict) -> dict:
     """The long user development negatives (written and dataset text), as evidence."""
     parts = [ev[name] for name in ("user_neg", "user_ordinary") if name in ev and len(ev[name]["p"])]
-    keep = [part.get("long", np.zeros(part["p"].shape, bool)) for part in parts]
+    keep = [long_mask(part) for part in parts]
     return {k: np.concatenate([part[k][m] for part, m in zip(parts, keep)]) for k in parts[0]} if parts else {}
 
 
@@ -1078,7 +1090,7 @@ def choose_thresholds(ev: dict, role: str, base: dict) -> dict:
 def _choose_long(chosen: dict, pos: dict, long_neg: dict, supports, allowed, score) -> tuple:
     """The long user messages' threshold and lexicon support: the best development score within every bound,
     the long one included; if none is within it, the setting with the fewest long false alarms."""
-    long_p = [pos["p"][pos.get("long", np.zeros(pos["p"].shape, bool))], long_neg.get("p", np.zeros(0))]
+    long_p = [pos["p"][long_mask(pos)], long_neg.get("p", np.zeros(0))]
     candidates = sorted(set(np.round(np.concatenate(long_p), 4).tolist()) | {chosen["crisis"], 0.99, 2.0})
     best, fallback = None, None
     for long_alone in candidates:
@@ -1121,8 +1133,7 @@ def dev_report(ev: dict, groups: dict, t: dict) -> dict:
     if "user_sad" in ev:
         out["user_neg_sad"] = rate_summary(flags(ev["user_sad"], t, "user"))
     for name in ("user_pos", "user_neg", "user_ordinary"):
-        long = ev[name].get("long", np.zeros(ev[name]["p"].shape, bool))
-        out[f"{name}_long"] = rate_summary(flags(ev[name], t, "user")[long])
+        out[f"{name}_long"] = rate_summary(flags(ev[name], t, "user")[long_mask(ev[name])])
     return out
 
 
@@ -1286,8 +1297,7 @@ def select_thresholds(params: G.GuardParams, groups: dict, encoder, lexicon, out
     params = params.replace(thresholds={k: jnp.asarray(v, jnp.float32) for k, v in base.items()})
     guard = G.Guard(encoder=encoder, params=params, lexicon=lexicon)
     log("[dev] evidence of the development messages through guard.Guard ...")
-    ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
-    ev["user_sad"] = sad_evidence(ev, groups)
+    ev = development_evidence(guard, groups)
     chosen = dict(base)
     for role in ("user", "reply"):
         chosen.update({k: v for k, v in choose_thresholds(ev, role, chosen).items()
@@ -1363,8 +1373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dev_report_only:
         guard = G.Guard(encoder=encoder, params=G.load_guard_params(args.out, encoder.config), lexicon=lexicon)
         groups = development_groups(load_messages(args, encoder, lexicon, log))
-        ev = {name: evidence_arrays(guard, ms) for name, ms in groups.items()}
-        ev["user_sad"] = sad_evidence(ev, groups)
+        ev = development_evidence(guard, groups)
         thresholds = {k: float(v) for k, v in guard.params.thresholds.items()}
         report = dev_report(ev, groups, thresholds)
         log(json.dumps({"weights": args.out, "thresholds": thresholds,
